@@ -1,0 +1,320 @@
+"""ModelSpec: the exact parameter shapes of a causal LM, from whatever the user has.
+
+A preset name (assets/presets.json), a `config.json` path, a model folder, or a hub id. The
+model is built on the meta device (no memory, no weights) so every shape is the real
+transformers module's; LoRA and GaLore act per linear layer and need them all.
+
+    spec = load_spec("llama-7b")
+    spec.params_total, spec.linears[0]   # 6738415616, LinearShape('q_proj', 'attention', 4096, 4096, ...)
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+# The activation model of estimator/activations.py follows these module structures.
+FAMILIES = {
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "mixtral": "llama", "olmo2": "llama",
+    "gemma": "gemma",
+    "gpt2": "gpt2",
+    "gpt_neox": "gpt_neox",
+}
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """One linear layer of a decoder block; `count` blocks have it."""
+
+    short: str
+    group: str | None
+    in_features: int
+    out_features: int
+    bias: bool
+    count: int
+
+    @property
+    def numel(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shapes and structure of a model: what the memory model needs, nothing else."""
+
+    name: str
+    model_type: str
+    family: str
+    exact_family: bool  # False: an unknown architecture estimated with the Llama activation model
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position: int | None
+    tie_word_embeddings: bool
+    activation: str
+    linears: tuple[LinearShape, ...]
+    embedding_params: int  # token (and position) embeddings
+    lm_head_params: int  # 0 when tied to the embeddings
+    norm_params: int  # every norm weight and bias, final norm included
+    other_params: int  # parameters in none of the groups above
+    float_buffer_numel: int  # cast with the model's dtype (rotary inv_freq, ...)
+    other_buffer_bytes: int
+    dropout: dict[str, float] = field(default_factory=dict)
+    sliding_window: int | None = None
+    config: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def linear_params(self) -> int:
+        return sum(lin.numel * lin.count for lin in self.linears)
+
+    @property
+    def params_total(self) -> int:
+        return (self.linear_params + self.embedding_params + self.lm_head_params
+                + self.norm_params + self.other_params)
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+def preset_table() -> dict[str, dict]:
+    return _presets()
+
+
+@lru_cache(maxsize=1)
+def _presets() -> dict[str, dict]:
+    with open(ASSETS / "presets.json") as f:
+        return json.load(f)
+
+
+def preset_names() -> list[str]:
+    return list(_presets())
+
+
+def _config_from_dict(data: dict, where: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    data = dict(data)
+    model_type = data.pop("model_type", None)
+    if not model_type:
+        raise ValueError(f"{where} has no \"model_type\"; add one (for example \"llama\") to describe the architecture")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{where}: model_type={model_type!r} is not a transformers architecture this install knows "
+                         f"({err.__class__.__name__}); use a known model_type such as llama, mistral, qwen2, gemma, "
+                         f"gpt2, gpt_neox") from None
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", source))
+
+
+def load_config(source: str, trust_remote_code: bool = False):
+    """A transformers config from a preset name, a config.json path, a model folder or a hub id."""
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError("model is empty; give a preset name (e.g. llama-7b), a config.json path, a folder or a hub id")
+    source = source.strip()
+    presets = _presets()
+    if source in presets:
+        return _config_from_dict(presets[source]["config"], f"preset {source}")
+    path = Path(os.path.expanduser(source))
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise ValueError(f"model folder {source!r} has no config.json; point to a folder saved by save_pretrained")
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"cannot read config {str(path)!r}: {err.strerror or err}; check the path and permissions") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"config {str(path)!r} is not valid JSON (line {err.lineno}: {err.msg}); fix the file") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config {str(path)!r} must hold a JSON object, not {type(data).__name__}")
+        return _config_from_dict(data, f"config {str(path)!r}", trust_remote_code)
+    if source.endswith(".json") or "/" not in source and not _looks_like_hub_id(source):
+        close = difflib.get_close_matches(source.lower(), presets, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else f"presets are {', '.join(presets)}"
+        what = "no such file" if source.endswith(".json") else "unknown preset"
+        raise ValueError(f"model={source!r}: {what}; {hint}")
+    return _hub_config(source, trust_remote_code)
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """One quick TCP connect, so an offline machine fails in seconds instead of retrying for half a minute."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", f"https://{host}")
+    host = re.sub(r"^\w+://", "", endpoint).split("/")[0].split(":")[0]
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_config(repo_id: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    def remote_code_error() -> ValueError:
+        return ValueError(f"model={repo_id!r} needs its own code from the hub; pass --trust-remote-code if you trust it")
+
+    try:  # the local cache first: no network at all
+        return AutoConfig.from_pretrained(repo_id, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):
+            raise remote_code_error() from None
+    if not hub_reachable():
+        raise ValueError(f"model={repo_id!r}: the Hugging Face hub cannot be reached (offline) and it is not in the "
+                         f"local cache; give a preset name, a local config.json, or connect to the internet")
+    try:
+        return AutoConfig.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):
+            raise remote_code_error() from None
+        raise ValueError(f"model={repo_id!r}: no config on the Hugging Face hub ({str(err).splitlines()[0][:160]}); "
+                         f"check the id, or log in for gated models") from None
+
+
+def _attr(config, *names, default=None):
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def spec_from_config(config, name: str) -> ModelSpec:
+    """Build the model on the meta device and read every parameter shape from it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .targets import decoder_layers, is_linear, linear_group, linear_shape
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
+        raise ValueError(f"model={name!r}: transformers cannot build a causal LM from this config "
+                         f"({err.__class__.__name__}: {str(err)[:200]}); check its values") from None
+
+    prefix, blocks = decoder_layers(model)
+    block_prefix = re.compile(re.escape(prefix) + r"\.(\d+)\.(.+)")
+    linear_counts: dict[tuple, int] = {}
+    linear_modules: set[str] = set()
+    for path, module in model.named_modules():
+        match = block_prefix.fullmatch(path)
+        if match and is_linear(module):
+            in_f, out_f = linear_shape(module)
+            key = (match.group(2).rsplit(".", 1)[-1], linear_group(path), in_f, out_f, module.bias is not None)
+            linear_counts[key] = linear_counts.get(key, 0) + 1
+            linear_modules.add(path)
+    linears = tuple(LinearShape(*key, count) for key, count in linear_counts.items())
+
+    embedding_params = lm_head_params = norm_params = other_params = 0
+    embedding_modules = {path for path, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    lm_head_module = None
+    output_embeddings = model.get_output_embeddings()
+    for path, m in model.named_modules():
+        if m is output_embeddings:
+            lm_head_module = path
+    for pname, param in model.named_parameters():  # tied weights appear once
+        module_path = pname.rsplit(".", 1)[0]
+        if module_path in linear_modules:
+            continue
+        if module_path in embedding_modules:
+            embedding_params += param.numel()
+        elif module_path == lm_head_module:
+            lm_head_params += param.numel()
+        elif "norm" in module_path.split(".")[-1].lower() or re.search(r"(^|\.)ln_", module_path):
+            norm_params += param.numel()
+        else:
+            other_params += param.numel()
+
+    float_buffer_numel = other_buffer_bytes = 0
+    for _, buf in model.named_buffers():
+        if buf.is_floating_point():
+            float_buffer_numel += buf.numel()
+        else:
+            other_buffer_bytes += buf.numel() * buf.element_size()
+
+    hidden = _attr(config, "hidden_size", "n_embd")
+    heads = _attr(config, "num_attention_heads", "n_head")
+    head_dim = _attr(config, "head_dim", default=None) or hidden // heads
+    n_layers = len(blocks)
+    family = FAMILIES.get(config.model_type)
+    dropout = {key: float(value) for key in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop",
+                                               "hidden_dropout", "classifier_dropout")
+               if isinstance(value := getattr(config, key, None), (int, float)) and value > 0}
+    return ModelSpec(
+        name=name,
+        model_type=config.model_type,
+        family=family or "llama",
+        exact_family=family is not None,
+        hidden_size=hidden,
+        intermediate_size=_attr(config, "intermediate_size", "n_inner", default=None) or 4 * hidden,
+        num_layers=n_layers,
+        num_heads=heads,
+        num_kv_heads=_attr(config, "num_key_value_heads", default=heads),
+        head_dim=head_dim,
+        vocab_size=config.vocab_size,
+        max_position=_attr(config, "max_position_embeddings", "n_positions", default=None),
+        tie_word_embeddings=lm_head_params == 0,
+        activation=str(_attr(config, "hidden_activation", "hidden_act", "activation_function", default="silu")),
+        linears=linears,
+        embedding_params=embedding_params,
+        lm_head_params=lm_head_params,
+        norm_params=norm_params,
+        other_params=other_params,
+        float_buffer_numel=float_buffer_numel,
+        other_buffer_bytes=other_buffer_bytes,
+        dropout=dropout,
+        sliding_window=getattr(config, "sliding_window", None),
+        config=config.to_dict(),
+    )
+
+
+def _cache_key(source: str) -> tuple:
+    path = Path(os.path.expanduser(source.strip())) if isinstance(source, str) else None
+    if path is not None and path.exists():
+        target = path / "config.json" if path.is_dir() else path
+        try:
+            return (str(target.resolve()), target.stat().st_mtime_ns)
+        except OSError:
+            pass
+    return (source, None)
+
+
+@lru_cache(maxsize=128)
+def _load_spec_cached(source: str, key: tuple, trust_remote_code: bool) -> ModelSpec:
+    name = source.strip()
+    if name not in _presets():
+        path = Path(os.path.expanduser(name))
+        if path.exists():
+            name = path.parent.name if path.name == "config.json" else (path.name if path.is_dir() else path.stem)
+    return spec_from_config(load_config(source, trust_remote_code), name)
+
+
+def load_spec(source: str, trust_remote_code: bool = False) -> ModelSpec:
+    """ModelSpec for a preset, config path, folder or hub id; cached (files by modification time)."""
+    if not isinstance(source, str):
+        raise ValueError(f"model={source!r} must be a string: a preset name, a config.json path, a folder or a hub id")
+    return _load_spec_cached(source, _cache_key(source), trust_remote_code)

@@ -1,0 +1,302 @@
+"""Measure the memory of a training step, by category, on any device — fake tensors included.
+
+A `TorchDispatchMode` sees every tensor an operator creates; a weak reference on its storage
+sees it die. The sum of live storages is what CUDA's allocator reports as "allocated" (CUDA
+rounds each block up to 512 bytes; we do the same for CUDA tensors), so one code path measures
+CPU runs, CUDA runs and `--dry-run` runs on `FakeTensorMode` tensors.
+
+Each storage gets one category (DESIGN.md) once the step is over:
+
+    weights, adapters, optimizer   tagged by the caller (`watch_model`, `watch_optimizer`)
+    gradients                      became a parameter's .grad (post-accumulate-grad hook)
+    activations                    saved for backward, or born in forward and still alive
+                                   when forward ended (logits, checkpointed layer inputs)
+    transient                      everything else: temporaries, dequantized weights, SVD work
+
+The peak is the op at which live bytes were largest; its breakdown sums the storages alive at
+that op by their final category, so a tensor born as a temporary and saved a moment later
+counts as an activation.
+
+    tracker = MemoryTracker()
+    tracker.watch_model(model); tracker.watch_optimizer(optimizer)
+    with tracker:
+        tracker.phase("forward"); loss = model(**batch).loss
+        tracker.phase("backward"); loss.backward()
+        tracker.phase("optimizer"); optimizer.step(); optimizer.zero_grad()
+    tracker.watch_optimizer(optimizer)       # states created during this step
+    print(tracker.result())
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+CATEGORIES = ("weights", "adapters", "gradients", "optimizer", "activations", "transient")
+PHASES = ("forward", "backward", "optimizer")
+CUDA_BLOCK = 512  # the caching allocator rounds every block up to this many bytes
+
+
+@dataclass
+class Measured:
+    """Peak allocated bytes of one step, the phase it fell in, and its breakdown by category."""
+
+    peak_bytes: int
+    phase: str
+    breakdown: dict[str, int]
+    overhead_bytes: int = 0
+    phase_peaks: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"peak_bytes": self.peak_bytes, "phase": self.phase, "breakdown": dict(self.breakdown),
+                "overhead_bytes": self.overhead_bytes, "phase_peaks": dict(self.phase_peaks)}
+
+
+@dataclass
+class _Storage:
+    nbytes: int
+    born: int
+    born_phase: str
+    died: int | None = None
+    category: str | None = None  # set by tags; None means decided at the end
+    saved: bool = False
+    what: str = ""  # the op that created it and its shape, for `largest_at`
+
+
+def _storage_bytes(st: torch.UntypedStorage, device: torch.device) -> int:
+    n = st.nbytes()
+    if device.type == "cuda":
+        return math.ceil(n / CUDA_BLOCK) * CUDA_BLOCK
+    return n
+
+
+def quantized_state_tensors(module: torch.nn.Module) -> Iterable[torch.Tensor]:
+    """Tensors a quantized layer keeps outside its parameters (bitsandbytes 4-bit constants)."""
+    for param in module.parameters(recurse=False):
+        state = getattr(param, "quant_state", None)
+        while state is not None:
+            for name in ("absmax", "code", "offset"):
+                value = getattr(state, name, None)
+                if isinstance(value, torch.Tensor):
+                    yield value
+            state = getattr(state, "state2", None)
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Tracks live tensor storages through one step; see the module docstring."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._storages: dict[int, _Storage] = {}
+        self._refs: dict[int, weakref.ref] = {}
+        self._records: list[_Storage] = []
+        self._clock = 0
+        self._current = 0
+        self._peak = 0
+        self._peak_clock = 0
+        self._phase = "forward"
+        self._phase_peaks: dict[str, int] = {}
+        self._hooks: list = []
+        self._saved_hooks = None
+        self._forward_ends: list[int] = []  # the clock at the end of each micro-batch's forward
+
+    # ----------------------------------------------------------------- registration
+    def _register(self, tensor: torch.Tensor, category: str | None, what: str = "") -> _Storage | None:
+        if not isinstance(tensor, torch.Tensor):
+            return None
+        try:
+            st = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse or opaque tensors
+            return None
+        key = id(st)
+        record = self._storages.get(key)
+        if record is not None:
+            if category is not None and record.category is None:
+                record.category = category
+            return record
+        self._clock += 1  # every birth and death is its own moment, so the peak's live set is exact
+        record = _Storage(_storage_bytes(st, tensor.device), self._clock, self._phase, category=category,
+                          what=f"{what}{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}")
+        self._storages[key] = record
+        self._records.append(record)
+        self._refs[key] = weakref.ref(st, lambda _ref, key=key: self._on_free(key))
+        self._current += record.nbytes
+        self._note_peak()
+        return record
+
+    def _on_free(self, key: int) -> None:
+        record = self._storages.pop(key, None)
+        self._refs.pop(key, None)
+        if record is not None:
+            self._clock += 1
+            record.died = self._clock
+            self._current -= record.nbytes
+
+    def _note_peak(self) -> None:
+        if self._current > self._phase_peaks.get(self._phase, 0):
+            self._phase_peaks[self._phase] = self._current
+        if self._current > self._peak:
+            self._peak = self._current
+            self._peak_clock = self._clock
+
+    def watch(self, tensors: Iterable[torch.Tensor], category: str) -> None:
+        """Count tensors that exist already (or will be created outside forward) as `category`."""
+        if category not in CATEGORIES:
+            raise ValueError(f"category={category!r} is not one of {', '.join(CATEGORIES)}")
+        for t in tensors:
+            record = self._register(t, category)
+            if record is not None:
+                record.category = category
+
+    def watch_model(self, model: torch.nn.Module) -> None:
+        """Parameters and buffers as weights (LoRA factors as adapters), grads as gradients.
+
+        The gradient hooks go first in each parameter's hook list, so a layer-wise optimizer
+        that frees the gradient in its own hook cannot hide it. Modules with weight-gradient
+        hooks of their own (Q-GaLore's Int8Linear) are watched the same way.
+        """
+        for name, param in model.named_parameters():
+            self.watch([param], "adapters" if "lora_" in name else "weights")
+            if param.grad is not None:
+                self.watch([param.grad], "gradients")
+            if param.requires_grad:
+                handle = param.register_post_accumulate_grad_hook(self._on_grad)
+                _run_first(getattr(param, "_post_accumulate_grad_hooks", None), handle)
+                self._hooks.append(handle)
+        self.watch(model.buffers(), "weights")
+        for module in model.modules():
+            self.watch(quantized_state_tensors(module), "weights")
+            if hasattr(module, "register_weight_grad_hook"):
+                handle = module.register_weight_grad_hook(self._on_module_grad)
+                _run_first(getattr(module, "_weight_grad_hooks", None), handle)
+                self._hooks.append(handle)
+
+    def watch_optimizer(self, optimizer) -> None:
+        """Every tensor in the optimizer state (moments, projections, quantization maps).
+
+        Accepts a torch optimizer, a list of them, or any object with `state_tensors()`
+        (lowrank's GaLore optimizers)."""
+        if hasattr(optimizer, "state_tensors"):
+            self.watch(optimizer.state_tensors(), "optimizer")
+            return
+        optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+        for opt in optimizers:
+            for state in opt.state.values():
+                self.watch(_tensors_in(state), "optimizer")
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        if param.grad is not None:
+            self.watch([param.grad], "gradients")
+
+    def _on_module_grad(self, module: torch.nn.Module) -> None:
+        if getattr(module, "weight_grad", None) is not None:
+            self.watch([module.weight_grad], "gradients")
+
+    def phase(self, name: str) -> None:
+        """Mark the start of a phase of the step: forward, backward or optimizer."""
+        if name not in PHASES:
+            raise ValueError(f"phase={name!r} is not one of {', '.join(PHASES)}")
+        if self._phase == "forward" and name != "forward":
+            self._forward_ends.append(self._clock)
+        self._phase = name
+        self._clock += 1
+
+    # ----------------------------------------------------------------- dispatch
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._register(t, None, func.__name__)
+        return out
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        record = self._register(tensor, None)
+        if record is not None:
+            record.saved = True
+        return tensor
+
+    def __enter__(self):
+        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._saved_hooks.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        result = super().__exit__(*exc)
+        self._saved_hooks.__exit__(*exc)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        return result
+
+    # ----------------------------------------------------------------- results
+    def _final_category(self, record: _Storage) -> str:
+        if record.category is not None:
+            return record.category
+        if record.saved:
+            return "activations"
+        if record.born_phase == "forward":
+            i = bisect.bisect_right(self._forward_ends, record.born)
+            forward_end = self._forward_ends[i] if i < len(self._forward_ends) else self._clock
+            if record.died is None or record.died > forward_end:
+                return "activations"
+        return "transient"
+
+    def breakdown_at(self, clock: int) -> dict[str, int]:
+        """Bytes alive at `clock` (an op index), by category."""
+        totals = dict.fromkeys(CATEGORIES, 0)
+        for record in self._records:
+            if record.born <= clock and (record.died is None or record.died > clock):
+                totals[self._final_category(record)] += record.nbytes
+        return totals
+
+    def largest_at(self, clock: int | None = None, top: int = 10) -> list[tuple[int, str, str]]:
+        """The largest storages alive at `clock` (default: the peak): (bytes, category, op and shape)."""
+        clock = self._peak_clock if clock is None else clock
+        alive = [r for r in self._records if r.born <= clock and (r.died is None or r.died > clock)]
+        alive.sort(key=lambda r: -r.nbytes)
+        return [(r.nbytes, self._final_category(r), r.what) for r in alive[:top]]
+
+    @property
+    def clock(self) -> int:
+        return self._clock
+
+    @property
+    def current_bytes(self) -> int:
+        return self._current
+
+    def result(self) -> Measured:
+        breakdown = self.breakdown_at(self._peak_clock)
+        phase = max(self._phase_peaks, key=self._phase_peaks.get) if self._phase_peaks else "forward"
+        return Measured(sum(breakdown.values()), phase, breakdown, phase_peaks=dict(self._phase_peaks))
+
+
+def _run_first(hooks, handle) -> None:
+    """Put a just-registered hook first in its hook dict. Autograd walks the dict's insertion
+    order (not OrderedDict's), so the entries are re-inserted rather than moved."""
+    if hooks is None or handle.id not in hooks:
+        return
+    items = list(hooks.items())
+    hooks.clear()
+    hooks[handle.id] = dict(items)[handle.id]
+    hooks.update((key, hook) for key, hook in items if key != handle.id)
+
+
+def _tensors_in(value) -> Iterable[torch.Tensor]:
+    """Tensors nested in an optimizer state (dicts, lists, objects with tensor attributes)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors_in(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors_in(v)
+    elif hasattr(value, "state_tensors"):
+        yield from value.state_tensors()

@@ -1,0 +1,116 @@
+"""ModelSpec: exact shapes for every architecture, from any source a user has."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from estimator.spec import load_spec, preset_names, spec_from_config
+from estimator.targets import is_linear, linear_shape
+from tests.conftest import TINY, tiny_config, tiny_model
+
+ARCHITECTURES = list(TINY)
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_parameter_counts_match_a_real_model(model_type):
+    model = tiny_model(model_type)
+    spec = spec_from_config(model.config, model_type)
+    assert spec.params_total == sum(p.numel() for p in model.parameters())
+    assert spec.family in ("llama", "gemma", "gpt2", "gpt_neox") and spec.exact_family
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_linear_shapes_match_the_modules(model_type):
+    model = tiny_model(model_type)
+    spec = spec_from_config(model.config, model_type)
+    real = {}
+    for name, module in model.named_modules():
+        if is_linear(module) and name != "lm_head":
+            key = (name.rsplit(".", 1)[-1], *linear_shape(module), module.bias is not None)
+            real[key] = real.get(key, 0) + 1
+    assert {(lin.short, lin.in_features, lin.out_features, lin.bias): lin.count for lin in spec.linears} == real
+
+
+def test_grouped_query_attention_shapes():
+    spec = spec_from_config(tiny_config("llama"), "gqa")
+    shapes = {lin.short: (lin.in_features, lin.out_features) for lin in spec.linears}
+    assert shapes["q_proj"] == (64, 64) and shapes["k_proj"] == (64, 32) and shapes["v_proj"] == (64, 32)
+    assert spec.num_kv_heads == 2 and spec.kv_dim == 32
+
+
+def test_tied_embeddings_and_biases():
+    qwen = spec_from_config(tiny_config("qwen2"), "qwen")
+    assert qwen.tie_word_embeddings and qwen.lm_head_params == 0
+    assert {lin.short for lin in qwen.linears if lin.bias} == {"q_proj", "k_proj", "v_proj"}
+    llama = spec_from_config(tiny_config("llama"), "llama")
+    assert not llama.tie_word_embeddings and llama.lm_head_params == 256 * 64
+
+
+@pytest.mark.parametrize("name,billions", [("llama-7b", 6.738), ("llama2-70b", 68.977), ("llama3.1-8b", 8.030),
+                                           ("mistral-7b", 7.242), ("qwen2.5-0.5b", 0.494), ("gemma-7b", 8.538),
+                                           ("gpt2", 0.124), ("llama-60m", 0.058), ("tiny-llama-20m", 0.020)])
+def test_presets_have_their_published_sizes(name, billions):
+    assert load_spec(name).params_total / 1e9 == pytest.approx(billions, abs=0.001)
+
+
+def test_every_preset_loads():
+    for name in preset_names():
+        assert load_spec(name).num_layers > 0
+
+
+def test_config_file_and_model_folder(tmp_path):
+    model = tiny_model("mistral")
+    model.save_pretrained(tmp_path / "folder")
+    from_folder = load_spec(str(tmp_path / "folder"))
+    from_file = load_spec(str(tmp_path / "folder" / "config.json"))
+    assert from_folder.params_total == from_file.params_total == sum(p.numel() for p in model.parameters())
+    assert from_folder.name == "folder"
+
+
+def test_edited_config_file_is_read_again(tmp_path):
+    path = tmp_path / "config.json"
+    data = {"model_type": "llama", **TINY["llama"]}
+    path.write_text(json.dumps(data))
+    first = load_spec(str(path)).params_total
+    path.write_text(json.dumps({**data, "num_hidden_layers": 3}))
+    import os
+    os.utime(path, ns=(1, 10**18))  # a new modification time even on coarse clocks
+    assert load_spec(str(path)).params_total > first
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "JSON object"),
+    ('{"hidden_size": 64}', "no \"model_type\""),
+    ('{"model_type": "no-such-arch"}', "not a transformers architecture"),
+])
+def test_bad_config_files_name_the_problem(tmp_path, content, message):
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_spec(str(path))
+
+
+def test_unknown_preset_suggests_close_names():
+    with pytest.raises(ValueError, match="did you mean llama-7b"):
+        load_spec("llama7b")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        load_spec(str(tmp_path))
+
+
+def test_offline_hub_id_fails_fast_with_a_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="cannot be reached"):
+        load_spec("some-org/some-model-that-is-not-cached")
+
+
+def test_meta_build_allocates_nothing():
+    before = torch.empty(0).untyped_storage().nbytes()
+    spec = load_spec("llama2-70b")
+    assert spec.params_total > 6e10 and before == 0
