@@ -1,0 +1,402 @@
+"""GaLore: full-rank weights trained by Adam on low-rank projected gradients.
+
+Zhao et al. 2024, "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
+https://arxiv.org/abs/2403.03507. For each targeted weight W (m×n) with gradient G:
+
+    R = project(G)                   # r×n (or m×r): G in the rank-r subspace of its own SVD
+    M, V = Adam moments of R         # kept in the subspace: r×n each, not m×n
+    N = M̂ / (√V̂ + eps)              # Adam's normalized step, still r×n
+    W ← (1 − lr·wd)·W − lr·scale·project_back(N)      # one in-place GEMM, no m×n temporary
+
+The subspace comes from the SVD of G and is refreshed every `update_proj_gap` updates
+(lowrank/projector.py). Every other trainable parameter (embeddings, norms, lm_head) gets plain
+AdamW in the same optimizer. Memory per targeted weight (m ≤ n): optimizer m·r + 2·n·r elements
+instead of AdamW's 2·m·n; `optim_bits=8` stores the moments in 8 bits (bitsandbytes' blockwise
+dynamic quantization, blocks of 256), on CPU as well as CUDA.
+
+Layer-wise mode (`layerwise=True`) updates each parameter inside its post-accumulate-grad hook
+and frees its gradient at once, so full gradients never coexist. Under gradient accumulation a
+targeted weight's hook projects each micro-batch's gradient into the current subspace and sums
+the low-rank pieces — exact, as projection is linear — except on a refresh step, when the full
+gradient is accumulated for the SVD; other parameters accumulate in `.grad` and update on the
+last micro-batch. Tell the optimizer the number of micro-batches: `optimizer.grad_accum = k`.
+
+    optimizer = build_galore_optimizer(model, GaLoreConfig(rank=128, layerwise=True), lr=1e-2)
+    optimizer.grad_accum = 4
+    for batches in loader:                       # 4 micro-batches per step
+        for batch in batches:
+            (model(**batch, use_cache=False).loss / 4).backward()   # layer-wise: updates happen here
+        optimizer.step(); optimizer.zero_grad()  # finishes the step; same calls without layerwise
+        print(optimizer.grad_norm)
+
+Gradient norm and clipping (`grad_clip`) are per parameter — the only kind layer-wise updates
+allow — and of the gradient Adam sees: the low-rank gradient R for targeted weights (available
+under accumulation too), the full gradient otherwise. `grad_norm` is the global norm, √Σ‖g‖², of
+those pre-clip gradients.
+
+Against galore-torch 1.0 (same trajectory otherwise, tests/lowrank/test_galore.py): eps and
+weight decay follow torch.optim.AdamW (eps added after the bias correction, decay before the
+step; galore-torch adds eps before and decays after); no m×n temporaries (it makes two per
+weight per step); 8-bit moments work on CPU and never clone the weight; layer-wise updates are
+exact under gradient accumulation. As in the paper, moments carry over when the subspace changes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from estimator.config import GaLoreConfig
+from estimator.targets import target_linears
+
+from .projector import DenseStore, GaLoreProjector
+
+BLOCK = 256  # values per 8-bit quantization block (bitsandbytes' 8-bit optimizers)
+MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 moments, as in bitsandbytes
+CHUNK = 1 << 20  # elements per slice of an elementwise update: caps temporaries at 4 MiB (fp32)
+
+
+def _chunks(numel: int, size: int = CHUNK) -> Iterator[slice]:
+    for start in range(0, numel, size):
+        yield slice(start, min(start + size, numel))
+
+
+def _dynamic_maps(device: torch.device) -> tuple[Tensor, Tensor]:
+    """The 256-entry signed (first moment) and unsigned (second moment) dynamic maps of bnb."""
+    from bitsandbytes.functional import create_dynamic_map  # optional backend: imported on use
+
+    with unset_fake_temporarily():  # constants: computed for real even in a dry run on fake tensors
+        signed, unsigned = create_dynamic_map(signed=True).tolist(), create_dynamic_map(signed=False).tolist()
+    return torch.tensor(signed, device=device), torch.tensor(unsigned, device=device)
+
+
+def _dequantize(codes: Tensor, absmax: Tensor, qmap: Tensor) -> Tensor:
+    return torch.ops.bitsandbytes.dequantize_blockwise(codes, absmax, qmap, BLOCK, torch.float32)
+
+
+def _quantize_into(values: Tensor, codes: Tensor, absmax: Tensor, qmap: Tensor) -> None:
+    new_codes, new_absmax = torch.ops.bitsandbytes.quantize_blockwise(values, qmap, BLOCK)
+    codes.copy_(new_codes)
+    absmax.copy_(new_absmax)
+
+
+class GaLoreAdamW(torch.optim.Optimizer):
+    """AdamW whose groups with a "rank" key project 2-D gradients into a GaLore subspace.
+
+    A projected group carries rank, update_proj_gap, scale (as galore-torch's groups) and optionally
+    proj_type ("std"), svd ("randomized" or "exact") and stagger (False); other groups are plain AdamW. States are in the weight dtype, or 8-bit
+    (`optim_bits=8`) for tensors of at least `min_8bit_size` elements. Subclasses (Q-GaLore) may
+    override `make_projector` to hold P quantized or to adapt each layer's refresh gap.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, optim_bits: int = 32,
+                 grad_clip: float | None = None, layerwise: bool = False, grad_accum: int = 1,
+                 min_8bit_size: int = MIN_8BIT_SIZE) -> None:
+        problems = []
+        if not lr >= 0:
+            problems.append(f"lr={lr!r} must be ≥ 0")
+        if not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+            problems.append(f"betas={betas!r} must be two numbers in [0, 1)")
+        if not eps >= 0:
+            problems.append(f"eps={eps!r} must be ≥ 0")
+        if not weight_decay >= 0:
+            problems.append(f"weight_decay={weight_decay!r} must be ≥ 0")
+        if optim_bits not in (8, 32):
+            problems.append(f"optim_bits={optim_bits!r} must be 8 or 32")
+        if grad_clip is not None and not grad_clip > 0:
+            problems.append(f"grad_clip={grad_clip!r} must be > 0, or None for no clipping")
+        if problems:
+            raise ValueError("invalid GaLore AdamW options: " + "; ".join(problems))
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+        self.optim_bits, self.grad_clip, self.min_8bit_size = optim_bits, grad_clip, min_8bit_size
+        self.layerwise = layerwise
+        self.grad_accum = grad_accum
+        self._qmaps: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._norm_sq: Tensor | None = None  # Σ‖g‖² of the step in progress
+        self._grad_norm: Tensor | None = None
+        self._group_of = {p: group for group in self.param_groups for p in group["params"]}
+        self._low_grads: dict[Tensor, Tensor] = {}  # layer-wise: low-rank gradients summed over micro-batches
+        self._micro: dict[Tensor, int] = {}  # layer-wise: backward passes seen per parameter this step
+        self._hooks = []
+        projected = []
+        for group in (g for g in self.param_groups if "rank" in g):
+            for key, default in (("proj_type", "std"), ("svd", "randomized"), ("stagger", False)):
+                group.setdefault(key, default)
+            names = group.get("param_names") or [f"param {i}" for i in range(len(group["params"]))]
+            projected += [(p, group, name) for p, name in zip(group["params"], names)]
+        for index, (p, group, name) in enumerate(projected):
+            self.state[p]["projector"] = self.make_projector(p, group, name, index, len(projected))
+        if layerwise:
+            self._hooks = self._register_hooks()
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches per optimizer step (layer-wise mode needs it; others ignore it)."""
+        return self._grad_accum
+
+    @grad_accum.setter
+    def grad_accum(self, value: int) -> None:
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"grad_accum={value!r} must be a whole number ≥ 1 (micro-batches per step)")
+        self._grad_accum = value
+
+    def make_projector(self, p: Tensor, group: dict, name: str, index: int, count: int) -> GaLoreProjector:
+        """The projector of the `index`-th of `count` projected weights (staggered if asked)."""
+        if p.dim() != 2:
+            raise ValueError(f"GaLore projects 2-D weights; got a parameter of shape {tuple(p.shape)}: "
+                             "put it in a group without 'rank'")
+        gap = group["update_proj_gap"]
+        return GaLoreProjector(tuple(p.shape), group["rank"], gap, group["scale"], group["proj_type"], group["svd"],
+                               self._weight_dtype(p), offset=index * gap // count if group["stagger"] else 0,
+                               seed=index, name=name, make_store=self._make_store)
+
+    # ------------------------------------------------------------------ the public API
+    @property
+    def grad_norm(self) -> float | None:
+        """Global norm of the pre-clip gradients of the last step (see the module docstring)."""
+        return None if self._grad_norm is None else float(self._grad_norm)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Update every parameter that has a gradient; in layer-wise mode, finish the step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for p, group in self._group_of.items():
+            if self.layerwise:
+                self._finish(p, group)
+            elif (grad := self._grad(p)) is not None:
+                self._update(p, group, grad)
+                del grad
+        self._micro.clear()
+        self._grad_norm = None if self._norm_sq is None else self._norm_sq.sqrt()
+        self._norm_sq = None
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Also drops low-rank gradients accumulated by layer-wise hooks."""
+        super().zero_grad(set_to_none)
+        self._low_grads.clear()
+        self._micro.clear()
+
+    def projectors(self) -> list[GaLoreProjector]:
+        return [s["projector"] for s in self.state.values() if "projector" in s]
+
+    def layer_info(self) -> list[dict]:
+        """Per projected weight: name, shape, rank, side, current gap, SVDs done, next refresh."""
+        return [proj.info() for proj in self.projectors()]
+
+    def state_tensors(self) -> list[Tensor]:
+        """Every tensor the optimizer holds: moments, 8-bit constants and maps, projections."""
+        seen: dict[int, Tensor] = {}
+        for state in self.state.values():
+            for value in state.values():
+                tensors = value.state_tensors() if hasattr(value, "state_tensors") else [value]
+                seen.update({id(t): t for t in tensors if isinstance(t, Tensor)})
+        return list(seen.values())
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["state"] = {key: {k: (v.state_dict() if isinstance(v, GaLoreProjector) else v) for k, v in st.items()}
+                       for key, st in sd["state"].items()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore moments, projections and schedules; tensors keep their saved dtypes."""
+        saved_groups = state_dict["param_groups"]
+        sizes = [len(g["params"]) for g in self.param_groups]
+        if [len(g["params"]) for g in saved_groups] != sizes:
+            raise ValueError(f"state_dict has groups of {[len(g['params']) for g in saved_groups]} parameters, "
+                             f"this optimizer {sizes}: build it from the same model and config")
+        by_id = {}
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
+            by_id.update(zip(saved["params"], group["params"]))
+        for key, saved_state in state_dict["state"].items():
+            p = by_id[key]
+            state = {k: (v.to(p.device) if isinstance(v, Tensor) else v) for k, v in saved_state.items()}
+            if "projector" in state:
+                self.state[p]["projector"].load_state_dict(state["projector"])
+                state["projector"] = self.state[p]["projector"]
+            if "qmap_signed" in state:  # share one pair of maps again
+                state["qmap_signed"], state["qmap_unsigned"] = self._maps(p.device)
+            self.state[p] = state
+
+    def gradient_tensors(self) -> list[Tensor]:
+        """Layer-wise low-rank gradients summed over the micro-batches of the step in progress."""
+        return list(self._low_grads.values())
+
+    def remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    # ------------------------------------------------------------------ where gradients live
+    # Q-GaLore's INT8 weights are not parameters: it overrides these four to read the gradient
+    # its layers compute, register its own hooks and apply updates with stochastic rounding.
+    def _grad(self, p: Tensor) -> Tensor | None:
+        return p.grad
+
+    def _make_store(self, dtype: torch.dtype):
+        """How projection matrices are held: dense in the weight dtype (Q-GaLore: INT4)."""
+        return DenseStore(dtype)
+
+    def _weight_dtype(self, p: Tensor) -> torch.dtype:
+        """The float dtype the weight computes in (moments and updates use it)."""
+        return p.dtype
+
+    def _drop_grad(self, p: Tensor) -> None:
+        p.grad = None
+
+    def _register_hooks(self) -> list:
+        return [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._group_of if p.requires_grad]
+
+    def _add_back(self, p: Tensor, projector: GaLoreProjector, direction: Tensor, alpha: float, beta: float) -> None:
+        """p ← beta·p + alpha·project_back(direction), in place, without an m×n temporary."""
+        projector.add_back_(p, direction, alpha=alpha, beta=beta)
+
+    # ------------------------------------------------------------------ layer-wise hooks
+    @torch.no_grad()
+    def _on_grad(self, p: Tensor) -> None:
+        """Post-accumulate-grad hook: fold this micro-batch in, update on the last one."""
+        micro = self._micro[p] = self._micro.get(p, 0) + 1
+        if micro > self.grad_accum:
+            raise RuntimeError(f"a parameter got {micro} backward passes in one step but "
+                               f"grad_accum={self.grad_accum}: set optimizer.grad_accum to the number of "
+                               "micro-batches per step, and call optimizer.step() after each step")
+        state = self.state[p]
+        projector = state.get("projector")
+        if projector is not None and not projector.due(state.get("step", 0)):
+            low = projector.project(self._grad(p))  # exact: P(G1 + G2) = P G1 + P G2
+            self._drop_grad(p)
+            if p in self._low_grads:
+                self._low_grads[p].add_(low)
+            else:
+                self._low_grads[p] = low
+            del low
+        if micro == self.grad_accum:
+            self._finish(p, self._group_of[p])
+
+    def _finish(self, p: Tensor, group: dict) -> None:
+        """Update `p` from what it accumulated this step (if anything) and free its gradient."""
+        if p in self._low_grads or self._grad(p) is not None:  # pop: _update holds the only reference
+            self._update(p, group, self._grad(p), self._low_grads.pop(p, None))
+        self._drop_grad(p)
+
+    # ------------------------------------------------------------------ one AdamW update
+    def _update(self, p: Tensor, group: dict, grad: Tensor | None, low: Tensor | None = None) -> None:
+        """AdamW on `p` from its full gradient `grad`, or from its accumulated low-rank gradient `low`."""
+        state = self.state[p]
+        step = state.get("step", 0)
+        projector = state.get("projector")
+        if projector is not None and low is None:
+            if projector.due(step):
+                projector.refresh(grad, step)
+            low = projector.project(grad)  # (r, n) or (m, r)
+        g = grad if projector is None else low
+        norm = torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32))
+        self._norm_sq = norm.square() if self._norm_sq is None else self._norm_sq + norm.square().to(self._norm_sq)
+        if self.grad_clip is not None:  # in place, as torch.nn.utils.clip_grad_norm_
+            g.mul_((self.grad_clip / (norm + 1e-6)).clamp_(max=1.0))
+        if "exp_avg" not in state:
+            self._init_moments(state, g, self._weight_dtype(p))
+        state["step"] = t = step + 1
+        lr, wd, (beta1, _) = group["lr"], group["weight_decay"], group["betas"]
+        step_size = lr / (1 - beta1**t)
+        if projector is None:
+            flat_p, flat_g = p.view(-1), g.reshape(-1)
+            for sl in _chunks(flat_p.numel()):
+                m, denom = self._moments(state, flat_g[sl], sl, group, t)
+                if wd != 0:
+                    flat_p[sl].mul_(1 - lr * wd)
+                flat_p[sl].addcdiv_(m, denom, value=-step_size)
+                del m, denom  # before the next slice allocates its own
+        else:
+            m, denom = self._moments(state, g.reshape(-1), slice(0, g.numel()), group, t)
+            direction = torch.div(m, denom, out=denom).view(g.shape).to(self._weight_dtype(p))  # (r, n) or (m, r)
+            del m, g, low
+            self._add_back(p, projector, direction, alpha=-step_size * projector.scale, beta=1 - lr * wd)
+
+    def _init_moments(self, state: dict, g: Tensor, dtype: torch.dtype) -> None:
+        if self.optim_bits == 8 and g.numel() >= self.min_8bit_size:
+            blocks = math.ceil(g.numel() / BLOCK)
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = torch.zeros(g.shape, dtype=torch.uint8, device=g.device)
+                state[key + "_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=g.device)
+            state["qmap_signed"], state["qmap_unsigned"] = self._maps(g.device)
+        else:
+            moment_dtype = torch.float32 if self.optim_bits == 8 else dtype  # bnb keeps small states fp32
+            state["exp_avg"] = torch.zeros(g.shape, dtype=moment_dtype, device=g.device)
+            state["exp_avg_sq"] = torch.zeros(g.shape, dtype=moment_dtype, device=g.device)
+
+    def _maps(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._qmaps:
+            self._qmaps[device] = _dynamic_maps(device)
+        return self._qmaps[device]
+
+    def _moments(self, state: dict, g: Tensor, sl: slice, group: dict, t: int) -> tuple[Tensor, Tensor]:
+        """Update the moments over the flat slice `sl` with gradient slice `g`; return (m, √v̂ + eps)."""
+        beta1, beta2 = group["betas"]
+        bias_correction2_sqrt = math.sqrt(1 - beta2**t)
+        if "exp_avg_absmax" not in state:  # dense, as torch.optim.AdamW (single-tensor path)
+            m, v = state["exp_avg"].view(-1)[sl], state["exp_avg_sq"].view(-1)[sl]
+            g = g.to(m.dtype)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            return m, v.sqrt().div_(bias_correction2_sqrt).add_(group["eps"])
+        # 8-bit: dequantize the slice, update in fp32, quantize back (blocks never straddle slices)
+        blocks = slice(sl.start // BLOCK, -(-sl.stop // BLOCK))
+        codes_m, codes_v = state["exp_avg"].view(-1)[sl], state["exp_avg_sq"].view(-1)[sl]
+        absmax_m, absmax_v = state["exp_avg_absmax"][blocks], state["exp_avg_sq_absmax"][blocks]
+        m = _dequantize(codes_m, absmax_m, state["qmap_signed"])
+        v = _dequantize(codes_v, absmax_v, state["qmap_unsigned"])
+        g = g.float()
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        del g
+        _quantize_into(m, codes_m, absmax_m, state["qmap_signed"])
+        _quantize_into(v, codes_v, absmax_v, state["qmap_unsigned"])
+        return m, v.sqrt_().div_(bias_correction2_sqrt).add_(group["eps"])
+
+
+def galore_param_groups(model: nn.Module, cfg: GaLoreConfig) -> list[dict]:
+    """Two named groups: the targeted linear weights (projected) and every other trainable parameter.
+
+    Raises ValueError when `cfg.rank` exceeds the smaller dimension of a targeted weight.
+    """
+    targets = {id(m.weight): f"{path}.weight" for path, m in target_linears(model, cfg.targets)
+               if m.weight.requires_grad}
+    too_small = [(name, tuple(p.shape)) for name, p in model.named_parameters()
+                 if id(p) in targets and cfg.rank > min(p.shape)]
+    if too_small:
+        smallest = min(min(shape) for _, shape in too_small)
+        listed = ", ".join(f"{name} ({shape[0]}×{shape[1]})" for name, shape in too_small[:3])
+        more = f" and {len(too_small) - 3} more" if len(too_small) > 3 else ""
+        raise ValueError(f"rank={cfg.rank} is larger than the smaller dimension of {len(too_small)} targeted "
+                         f"weights: {listed}{more}; set rank ≤ {smallest}, or pick targets without those layers")
+    projected, others = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (projected if id(p) in targets else others).append((name, p))
+    groups = [{"params": projected, "rank": cfg.rank, "update_proj_gap": cfg.update_proj_gap, "scale": cfg.scale,
+               "proj_type": cfg.proj_type, "svd": cfg.svd, "stagger": cfg.stagger}]
+    return groups + ([{"params": others}] if others else [])
+
+
+def build_galore_optimizer(model: nn.Module, cfg: GaLoreConfig, lr: float, weight_decay: float = 0.0,
+                           betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                           grad_clip: float | None = None) -> GaLoreAdamW:
+    """The GaLore optimizer for `model` as `cfg` describes it (layer-wise hooks included).
+
+    With `cfg.layerwise` and gradient accumulation, set `optimizer.grad_accum` afterwards.
+    """
+    return GaLoreAdamW(galore_param_groups(model, cfg), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                       optim_bits=8 if cfg.optimizer == "adamw8bit" else 32, grad_clip=grad_clip,
+                       layerwise=cfg.layerwise)

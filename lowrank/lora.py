@@ -1,0 +1,318 @@
+"""LoRA: freeze W, train a low-rank update B A beside it (Hu et al., arXiv 2106.09685).
+
+        h = W x + (B A x) · scaling          scaling = alpha / rank  (rsLoRA: alpha / √rank)
+            ▲                 ▲
+      ┌─────┴─────┐     ┌─────┴─────┐
+      │ W  out×in │     │ B  out×r  │  zeros: the model starts unchanged
+      │ (frozen)  │     └─────▲─────┘
+      └─────▲─────┘     ┌─────┴─────┐
+            │           │ A   r×in  │  Kaiming-uniform (a=√5)
+            │           └─────▲─────┘
+            └───────── x ─────┘ (dropout on this branch only)
+
+Memory saved: no gradients and no optimizer states for W — only for A and B, r·(in + out)
+values per layer instead of in·out (rank 8 on a 4096×4096 layer: 0.4% of it). What LoRA adds:
+the adapters themselves and, per adapted layer, the rank-r activation A x saved for backward
+(plus the dropped-out copy of x and its mask when dropout > 0).
+
+Adapters are saved in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`, keys
+like `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), so `peft` loads ours and
+we load theirs; peft itself is never imported here.
+
+    model = apply_lora(model, LoRAConfig(rank=8, alpha=16, targets="all-linear"))
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
+    ...
+    save_adapter(model, cfg, "runs/x/adapter")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from estimator.config import LoRAConfig
+from estimator.targets import target_linears
+
+PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def lora_dtype(base_layer: nn.Linear) -> torch.dtype:
+    """The dtype LoRA factors get by default: the base weight's, or a 4-bit layer's compute dtype."""
+    if base_layer.weight.is_floating_point():
+        return base_layer.weight.dtype
+    return getattr(base_layer, "compute_dtype", None) or torch.float32
+
+
+class LoRALinear(nn.Module):
+    """`base_layer(x) + lora_B(lora_A(dropout(x))) * scaling`, with an exact merge into W.
+
+    base_layer is any nn.Linear, bitsandbytes' Linear4bit included (merge then is refused: it
+    would re-quantize W). The factors live on the base weight's device, in `dtype` (default:
+    `lora_dtype(base_layer)`); the input is cast to that dtype and the update back to the output's.
+    """
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise ValueError(f"LoRA wraps nn.Linear layers, got {type(base_layer).__name__}; "
+                             "pick targets that are nn.Linear (GPT-2's Conv1D is not supported)")
+        smallest = min(base_layer.in_features, base_layer.out_features)
+        if not 1 <= rank <= smallest:
+            raise ValueError(f"rank={rank} does not fit a {base_layer.out_features}×{base_layer.in_features} "
+                             f"layer; pick a rank between 1 and {smallest}")
+        dtype = dtype or lora_dtype(base_layer)
+        device = base_layer.weight.device
+        self.base_layer = base_layer.requires_grad_(False)  # W is frozen: no gradient is computed for it
+        self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, device=device, dtype=dtype)
+        # Identity makes no copy of x; Dropout saves a mask and the dropped copy for backward.
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.rank = rank
+        self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        self.merged = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        update = self.lora_B(self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype)))
+        # one fused kernel for result + update * scaling (its backward scales the gradient once)
+        return torch.add(result, update.to(result.dtype), alpha=self.scaling)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B A in fp32, shape (out, in) like the base weight."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def _check_mergeable(self) -> None:
+        if not self.base_layer.weight.is_floating_point():
+            raise ValueError(f"cannot merge LoRA into a quantized {type(self.base_layer).__name__} (it would "
+                             "re-quantize W); save the adapter and merge it into the full-precision model")
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← W + scaling · B A, computed in fp32 and rounded once to W's dtype."""
+        if self.merged:
+            return
+        self._check_mergeable()
+        weight = self.base_layer.weight
+        weight.copy_(weight.float() + self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W ← W − scaling · B A: the original W up to rounding in W's dtype."""
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        weight.copy_(weight.float() - self.delta_weight())
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRALinear of the model by module path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable factors (lora_A, lora_B weights) — what the optimizer gets."""
+    return [p for layer in lora_layers(model).values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def _check_layers(layers: list[tuple[str, nn.Module]], rank: int) -> None:
+    """Every chosen layer must be an nn.Linear wide enough for `rank`; one error lists them all."""
+    problems = []
+    for path, module in layers:
+        if not isinstance(module, nn.Linear):
+            problems.append(f"{path} is a {type(module).__name__}, not nn.Linear (LoRA supports nn.Linear only)")
+        elif rank > min(module.in_features, module.out_features):
+            problems.append(f"rank={rank} exceeds the smallest dimension of {path} "
+                            f"({module.out_features}×{module.in_features}); pick rank ≤ "
+                            f"{min(module.in_features, module.out_features)}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _wrap(model: nn.Module, layers: list[tuple[str, nn.Module]], rank: int, alpha: float, dropout: float,
+          use_rslora: bool, dtype: torch.dtype | None) -> nn.Module:
+    if lora_layers(model):
+        raise ValueError("the model already has LoRA layers; apply LoRA to a model without adapters")
+    _check_layers(layers, rank)
+    for path, base in layers:
+        _replace(model, path, LoRALinear(base, rank, alpha, dropout, use_rslora, dtype))
+    model.requires_grad_(False)
+    for p in lora_parameters(model):
+        p.requires_grad_(True)
+    return model
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """Wrap the linear layers `cfg.targets` selects in LoRALinear and freeze everything else.
+
+    dtype: of the LoRA factors; default the base weight's dtype (a 4-bit base: its compute dtype).
+    The model is changed in place and returned.
+    """
+    layers = target_linears(model, cfg.targets)
+    return _wrap(model, layers, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora, dtype)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (forward then costs what the base model costs)."""
+    for layer in lora_layers(model).values():
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo `merge_lora`: subtract every adapter from its base weight."""
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+# ---------------------------------------------------------------------------------- PEFT format
+def peft_target_modules(model: nn.Module) -> list[str]:
+    """Module names peft matches to exactly the adapted layers of `model`.
+
+    peft selects a module when its path equals a target or ends with "." + target. Layer names
+    (q_proj, ...) are used when they pick out exactly the adapted layers; full paths otherwise.
+    """
+    layers = lora_layers(model)
+    adapted = set(layers)
+    names = sorted({path.rsplit(".", 1)[-1] for path in adapted})
+    inside = {f"{p}.{child}" for p, layer in layers.items() for child, _ in layer.named_modules() if child}
+    selected = {path for path, _ in model.named_modules()
+                if path and path not in inside and path.rsplit(".", 1)[-1] in names}
+    return names if selected == adapted else sorted(adapted)
+
+
+def save_adapter(model: nn.Module, cfg: LoRAConfig, directory: str | Path,
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write `adapter_config.json` and `adapter_model.safetensors` as peft 0.21 does."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers to save; call apply_lora(model, cfg) first")
+    wrong = [path for path, layer in layers.items()
+             if layer.rank != cfg.rank or not math.isclose(layer.scaling, cfg.scaling)]
+    if wrong:
+        raise ValueError(f"cfg (rank={cfg.rank}, scaling={cfg.scaling:g}) does not describe the layers "
+                         f"{', '.join(wrong[:3])}; pass the LoRAConfig the model was built with")
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": peft_target_modules(model),
+        "use_rslora": cfg.use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+        "lora_bias": False,
+    }
+    tensors = {}
+    for path, layer in layers.items():
+        for part in ("lora_A", "lora_B"):
+            tensors[f"{PEFT_PREFIX}{path}.{part}.weight"] = getattr(layer, part).weight.detach().contiguous()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return directory
+
+
+def _read_peft_config(directory: Path) -> dict:
+    path = directory / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist; pass a folder written by save_adapter or peft's save_pretrained")
+    config = json.loads(path.read_text())
+    # options that change what the weights mean; absent, null, false or empty are all fine
+    supported = {"peft_type": "LORA", "bias": "none"}
+    problems = [f"{key}={config.get(key)!r} (only {want!r} is supported)" for key, want in supported.items()
+                if config.get(key) != want]
+    problems += [f"{key}={config[key]!r} (not supported)" for key in
+                 ("fan_in_fan_out", "use_dora", "lora_bias", "modules_to_save", "rank_pattern", "alpha_pattern")
+                 if config.get(key)]
+    if problems:
+        raise ValueError(f"{path}: unsupported adapter options {', '.join(problems)}")
+    return config
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Load a PEFT-format LoRA adapter (ours or peft's) into `model`; returns the model.
+
+    A model without LoRA layers gets them on exactly the modules the file holds weights for
+    (in the base weight's dtype, a 4-bit base's compute dtype); a model with LoRA layers must
+    have them on the same modules with the same ranks. Scaling comes from the adapter's config.
+    """
+    directory = Path(directory)
+    config = _read_peft_config(directory)
+    state = load_file(str(directory / ADAPTER_WEIGHTS))
+    bad = [k for k in state if not (k.startswith(PEFT_PREFIX) and k.endswith((".lora_A.weight", ".lora_B.weight")))]
+    if bad:
+        raise ValueError(f"{directory / ADAPTER_WEIGHTS}: unexpected keys {', '.join(bad[:3])}; "
+                         f"only {PEFT_PREFIX}<module>.lora_A.weight / .lora_B.weight are supported")
+    state = {k.removeprefix(PEFT_PREFIX): v for k, v in state.items()}
+    paths = sorted({k.rsplit(".", 2)[0] for k in state})
+    halves = [p for p in paths if f"{p}.lora_A.weight" not in state or f"{p}.lora_B.weight" not in state]
+    if halves:
+        raise ValueError(f"{directory / ADAPTER_WEIGHTS}: {', '.join(halves[:3])} lack lora_A or lora_B; "
+                         "the file is incomplete, save the adapter again")
+    rank, alpha, use_rslora = int(config["r"]), float(config["lora_alpha"]), bool(config.get("use_rslora", False))
+    if not lora_layers(model):
+        modules = dict(model.named_modules())
+        missing = [p for p in paths if p not in modules]
+        if missing:
+            raise ValueError(f"the adapter adapts {', '.join(missing[:3])}, which this model does not have; "
+                             "load it into the model it was trained on")
+        _wrap(model, [(p, modules[p]) for p in paths], rank, alpha, float(config.get("lora_dropout", 0.0)),
+              use_rslora, None)
+    layers = lora_layers(model)
+    if sorted(layers) != paths:
+        raise ValueError(f"the adapter adapts {len(paths)} modules, the model has LoRA on {len(layers)} "
+                         f"others ({sorted(set(layers) ^ set(paths))[:3]}); apply LoRA with the adapter's targets")
+    if any(layer.merged for layer in layers.values()):
+        raise ValueError("the model's LoRA layers are merged; call unmerge_lora(model) before loading")
+    params = dict(model.named_parameters())
+    wrong = [name for name, tensor in state.items() if params[name].shape != tensor.shape]
+    if wrong:
+        raise ValueError(f"{wrong[0]}: the adapter has shape {tuple(state[wrong[0]].shape)}, the model "
+                         f"{tuple(params[wrong[0]].shape)}; build the model with rank={rank}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+    for layer in layers.values():
+        layer.scaling = alpha / math.sqrt(layer.rank) if use_rslora else alpha / layer.rank
+    return model

@@ -1,0 +1,124 @@
+"""QLoRA: LoRA over a base model stored in 4 bits (Dettmers et al., arXiv 2305.14314).
+
+Every linear layer inside the decoder blocks becomes a bitsandbytes `Linear4bit`: its weight is
+stored as 4-bit NF4 (or FP4) codes, two per byte, in blocks of 64 values with one absmax per
+block; double quantization stores those absmax values in 8 bits (blocks of 256, one fp32 constant
+each, plus one fp32 offset). Then LoRA wraps the targets, with factors in `compute_dtype`.
+Embeddings, norms and `lm_head` keep their dtype: no fp32 upcast of the rest of the model
+(peft's `prepare_model_for_kbit_training` makes one).
+
+    y = dequant(W4) x + (B A x) · scaling        W4 frozen; A, B trainable in compute_dtype
+
+Memory saved: weights of the decoder linears go from 2 bytes (bf16) to ~0.516 bytes per value
+(NF4 + double-quantized constants; 0.5625 without double quantization); gradients and optimizer
+states exist for the adapters only. What it costs: one dequantized weight (compute dtype) alive
+during each 4-bit matmul, forward and backward — bitsandbytes saves the 4-bit codes, not W, for
+backward and dequantizes again there.
+
+    model = apply_qlora(model, QLoRAConfig(rank=16, alpha=32, compute_dtype="bf16"))
+    quantized_weight_bytes(model)   # what the 4-bit weights occupy, constants included
+"""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import torch
+from bitsandbytes.nn import Linear4bit, Params4bit
+from torch import nn
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
+
+from estimator.config import QLoRAConfig
+from estimator.targets import target_linears
+from lowrank.lora import _replace, apply_lora, lora_layers
+
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BLOCKSIZE = 64  # QLoRA's block of weights sharing one absmax
+
+
+def quantize_linear(linear: nn.Linear, cfg: QLoRAConfig) -> Linear4bit:
+    """A Linear4bit holding `linear`'s weight quantized on its own device (CPU or CUDA).
+
+    The weight is cast to compute_dtype first, so that bitsandbytes dequantizes straight into
+    the compute dtype (forward and backward) with no extra cast of a full weight.
+    """
+    compute_dtype = COMPUTE_DTYPES[cfg.compute_dtype]
+    weight = linear.weight.detach().to(compute_dtype).contiguous()
+    codes, state = bnb.functional.quantize_4bit(weight, blocksize=BLOCKSIZE, compress_statistics=cfg.double_quant,
+                                                quant_type=cfg.quant_type)
+    # built on "meta" so no full-precision weight is allocated, then given the quantized one
+    with unset_fake_temporarily():  # real meta tensors even in a dry run: Params4bit cannot wrap fake ones
+        layer = Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                           compute_dtype=compute_dtype, compress_statistics=cfg.double_quant,
+                           quant_type=cfg.quant_type, device="meta")
+    layer.weight = _quantized_parameter(codes, state, cfg, layer)
+    layer.quant_state = state
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
+    # On CPUs with AVX512-BF16, an eval forward without grad would repack the weight in place into
+    # an inference-only layout (other bytes, other rounding, no backward); keep one layout.
+    layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
+def _quantized_parameter(codes: torch.Tensor, state, cfg: QLoRAConfig, layer: Linear4bit) -> nn.Parameter:
+    """The codes as bitsandbytes' Params4bit; in a dry run (lowrank/dryrun.py), a frozen Parameter.
+
+    Params4bit cannot wrap a FakeTensor (both are tensor subclasses). Linear4bit's forward reads
+    only the codes and `weight.quant_state`, so a plain Parameter carrying the state runs the
+    same ops on the same bytes.
+    """
+    if is_fake(codes):
+        weight = nn.Parameter(codes, requires_grad=False)
+        weight.quant_state = state
+        return weight
+    return Params4bit(codes, requires_grad=False, quant_state=state, blocksize=BLOCKSIZE,
+                      compress_statistics=cfg.double_quant, quant_type=cfg.quant_type,
+                      bnb_quantized=True, module=layer)
+
+
+def quantize_linears(model: nn.Module, cfg: QLoRAConfig) -> nn.Module:
+    """Replace every linear layer inside the decoder blocks by its 4-bit version, in place."""
+    if lora_layers(model):
+        raise ValueError("the model already has LoRA layers; quantize it first (apply_qlora does both)")
+    layers = target_linears(model, "all-linear")
+    problems = [f"{path} is already 4-bit" if isinstance(m, Linear4bit) else
+                f"{path} is a {type(m).__name__}, not nn.Linear" for path, m in layers
+                if isinstance(m, Linear4bit) or not isinstance(m, nn.Linear)]
+    if problems:
+        raise ValueError(f"cannot quantize: {'; '.join(problems[:3])}; apply QLoRA to a full-precision "
+                         "model built from nn.Linear (Llama family)")
+    for path, linear in layers:
+        _replace(model, path, quantize_linear(linear, cfg))
+    return model
+
+
+def apply_qlora(model: nn.Module, cfg: QLoRAConfig) -> nn.Module:
+    """Quantize all decoder linears to 4 bits, then wrap `cfg.targets` with LoRA in compute_dtype.
+
+    Every parameter except the adapters is frozen; the model is changed in place and returned.
+    """
+    quantize_linears(model, cfg)
+    return apply_lora(model, cfg, dtype=COMPUTE_DTYPES[cfg.compute_dtype])
+
+
+def quantized_weight_bytes(model: nn.Module) -> int:
+    """Bytes the 4-bit weights occupy: codes + absmax (+ nested absmax, code table, offset).
+
+    Per layer of N weights, with double quantization: N/2 (codes) + N/64 (8-bit absmax) +
+    4·⌈N/64/256⌉ (fp32 absmax of the absmax) + 1024 (its 256-entry code table) + 64 (NF4/FP4
+    table) + 4 (offset); without: N/2 + 4·N/64 + 64. Each storage counts once, which is what the
+    memory tracker sees as the `weights` of the quantized layers.
+    """
+    seen: dict[tuple[str, int], int] = {}
+    for module in model.modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        tensors = [module.weight.data]
+        state = module.weight.quant_state
+        while state is not None:
+            tensors += [t for t in (state.absmax, state.code, state.offset) if isinstance(t, torch.Tensor)]
+            state = getattr(state, "state2", None)
+        for t in tensors:
+            storage = t.untyped_storage()
+            seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
