@@ -1,0 +1,63 @@
+"""How fast the estimator answers: one estimate once the model spec is cached, a full GPU fit
+table (with the largest batch for every GPU), and a cold spec build.
+
+    python bench/estimator_speed.py
+
+Targets: one estimate ≤ 1 ms, a full fit table ≤ 100 ms.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from estimator.config import FullConfig, GaLoreConfig, LoRAConfig, QGaLoreConfig, QLoRAConfig, TrainSetup
+from estimator.estimate import estimate_spec, fit_table, gpu_catalog, max_batch_size
+from estimator.spec import _load_spec_cached, load_spec
+
+METHODS = [FullConfig(), LoRAConfig(rank=64), QLoRAConfig(rank=64), GaLoreConfig(rank=512, layerwise=True),
+           QGaLoreConfig(rank=512)]
+MODELS = ["llama-7b", "llama2-70b", "llama3.1-8b", "gpt2"]
+
+
+def timed(fn, repeat: int) -> float:
+    """Median seconds of `repeat` calls."""
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def fit_row(spec, method, setup) -> list[dict]:
+    return fit_table(estimate_spec(spec, method, setup))
+
+
+def all_max_batches(spec, method, setup) -> list[int | None]:
+    return [max_batch_size(spec, method, setup, gpu) for gpu in gpu_catalog()]
+
+
+def main() -> None:
+    setup = TrainSetup(batch_size=4, seq_len=1024)
+    print(f"{'model':<12} {'method':<8} {'estimate':>10} {'fit table':>10} {'max batch, 20 GPUs':>20}")
+    for model in MODELS:
+        spec = load_spec(model)
+        for method in METHODS:
+            one = timed(partial(estimate_spec, spec, method, setup), 200)
+            table = timed(partial(fit_row, spec, method, setup), 50)
+            batches = timed(partial(all_max_batches, spec, method, setup), 5)
+            print(f"{model:<12} {method.method:<8} {one * 1e3:>8.3f}ms {table * 1e3:>8.3f}ms {batches * 1e3:>20.1f}ms")
+    _load_spec_cached.cache_clear()
+    start = time.perf_counter()
+    load_spec("llama2-70b")
+    print(f"\ncold spec of llama2-70b (meta-device build): {1e3 * (time.perf_counter() - start):.0f} ms; cached after")
+
+
+if __name__ == "__main__":
+    main()

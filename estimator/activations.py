@@ -1,0 +1,458 @@
+"""Activation memory: the tensors autograd saves for backward, module by module.
+
+Derived from the forward code of the transformers modules (transformers 5.x), not from a GPT
+formula, and checked against `lowrank.memory.MemoryTracker` measurements (tests/estimator/
+test_activations.py). The rules every term follows are autograd's:
+
+- `y = x @ W.T` saves x only when W needs a gradient, and W (a weight, not an activation) when
+  x does. So LoRA, which freezes W, saves the input once for `lora_A` instead (its dropout
+  output when dropout > 0), plus the rank-r output of `lora_A` for `lora_B`.
+- `a * b` saves b when a needs a gradient and a when b does; a product with a constant
+  (cos/sin of RoPE, a frozen norm weight) saves only the constant.
+- casts, views, additions and concatenations save nothing.
+
+Sizes are in bytes for one micro-batch; `tokens = batch_size * seq_len`; `d` is the size of an
+activation element (2 for bf16, 4 for fp32). Each family (Llama, GPT-2, GPT-NeoX) describes a
+block as named parts and the bumps of its backward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class Flow:
+    """What decides which tensors a step saves: trainability, LoRA placement, dtype, kernels."""
+
+    d: int  # bytes per activation element (model dtype)
+    base_trainable: bool  # decoder-block linear weights get gradients (full, GaLore, Q-GaLore)
+    norms_trainable: bool
+    embeddings_trainable: bool
+    lm_head_trainable: bool
+    lora_targets: frozenset[str] = frozenset()  # short names of the linears carrying LoRA
+    lora_rank: int = 0
+    lora_dropout: float = 0.0
+    quant_base: str | None = None  # "nf4": bitsandbytes 4-bit base layers (QLoRA)
+    attn: str = "sdpa"
+    device: str = "cuda"
+    checkpointing: bool = False
+    autocast: bool = False
+
+    def saves_input(self, short: str) -> bool:
+        """Does this linear keep its input (rather than a LoRA dropout copy) for backward?"""
+        if self.base_trainable:
+            return True
+        return short in self.lora_targets and self.lora_dropout == 0
+
+    @property
+    def residual_d(self) -> int:
+        """Bytes of the residual stream and norm math: fp32 under autocast (weights are fp32)."""
+        return 4 if self.autocast else self.d
+
+    @property
+    def mask_bytes(self) -> int:
+        """A dropout mask element: bool from CUDA's fused kernel; the CPU kernel keeps a scaled copy."""
+        return self.mask_bytes_of(self.d)
+
+    def mask_bytes_of(self, input_bytes: int) -> int:
+        """The mask of a dropout applied to an input with elements of `input_bytes`."""
+        return 1 if self.device == "cuda" else input_bytes
+
+    @property
+    def stat_bytes(self) -> int:
+        """LayerNorm's saved mean and rstd: fp32 on CUDA, the input dtype on CPU."""
+        return 4 if self.device == "cuda" else self.d
+
+
+@dataclass(frozen=True)
+class BackwardStep:
+    """A moment inside one block's backward: which saved parts are still alive, which of the
+    block's parameters already have gradients, and the temporaries of the op running then."""
+
+    alive: tuple[str, ...]
+    grads_of: tuple[str, ...]
+    transient: int
+
+
+# ---------------------------------------------------------------------------- shared pieces
+
+
+def rmsnorm_saved(spec: ModelSpec, flow: Flow, tokens: int, input_grad: bool) -> int:
+    """LlamaRMSNorm: `w * (x.float() * rsqrt(x.float().pow(2).mean(-1) + eps)).to(dtype)`.
+
+    With a gradient flowing into x: the fp32 input (4h, kept by pow and mul) and rsqrt (4 bytes
+    a token). With a trainable weight: the normalized value cast back to the model dtype (d·h).
+    GemmaRMSNorm multiplies in fp32 (`* (1 + w.float())`), so its normalized value is 4h.
+    """
+    h = spec.hidden_size
+    saved = tokens * (4 * h + 4) if input_grad else 0
+    if flow.norms_trainable:
+        saved += tokens * h * (4 if spec.family == "gemma" else flow.residual_d)
+    return saved
+
+
+def layernorm_saved(spec: ModelSpec, flow: Flow, tokens: int, with_input: bool = True) -> int:
+    """nn.LayerNorm (native_layer_norm) saves its input and two statistics per token.
+
+    `with_input=False` when another LayerNorm already saved the same input (GPT-NeoX's parallel
+    residual normalizes one x twice).
+    """
+    return tokens * ((spec.hidden_size * flow.d if with_input else 0) + 2 * flow.stat_bytes)
+
+
+def linear_inputs_saved(flow: Flow, tokens: int, width: int, consumers: tuple[str, ...],
+                        counted: bool = False, from_norm: bool = False, input_grad: bool = True) -> int:
+    """One input of `width` features read by several linears (q,k,v read the same norm output).
+
+    The input is stored once if any consumer keeps it (a trainable weight, or LoRA without
+    dropout) — unless `counted` says another op saved the same storage already. Each LoRA
+    consumer with dropout keeps its own dropout output and mask, and every LoRA consumer keeps
+    lora_A's rank-r output for lora_B (peft and lowrank.lora compute
+    `base(x) + lora_B(lora_A(dropout(x))) * scaling`).
+    Under autocast a norm's fp32 output is cast to bf16 by each linear that reads it, so every
+    consumer keeps its own copy (`from_norm`). Dropout keeps its mask only when a gradient
+    flows into its input (not in a LoRA model's first block).
+    """
+    d = flow.d
+    savers = [c for c in consumers if flow.saves_input(c)]
+    saved = 0
+    if flow.autocast and from_norm:
+        saved += len(savers) * tokens * width * d
+    elif not counted and savers:
+        saved += tokens * width * d
+    for c in consumers:
+        if c in flow.lora_targets:
+            if flow.lora_dropout > 0:  # the dropout output (autocast: its bf16 cast) and the mask
+                saved += tokens * width * (d + (flow.mask_bytes_of(flow.residual_d) if input_grad else 0))
+            saved += tokens * flow.lora_rank * d
+    return saved
+
+
+def sdpa_kernel(spec: ModelSpec, flow: Flow, dropout: float = 0.0) -> str:
+    """Which attention kernel runs: flash, efficient, math (SDPA) or eager.
+
+    CUDA: flash for bf16/fp16; fp32 takes the memory-efficient kernel, or the math one with
+    grouped-query attention. CPU: flash, unless attention dropout forces the math kernel.
+    """
+    if flow.attn == "eager":
+        return "eager"
+    if flow.device == "cpu":
+        return "math" if dropout > 0 else "flash"
+    if flow.d < 4 or flow.autocast:
+        return "flash"
+    return "efficient" if spec.num_kv_heads == spec.num_heads else "math"
+
+
+def flash_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int, kernel: str) -> int:
+    """FlashAttention / memory-efficient SDPA: the output and an fp32 log-sum-exp per head and
+    token (FlashAttention-2, arXiv 2307.08691; the efficient kernel pads it to 32 tokens)."""
+    lse_tokens = seq if kernel == "flash" else -(-seq // 32) * 32
+    return batch * seq * spec.q_dim * flow.d + 4 * spec.num_heads * batch * lse_tokens
+
+
+def scores_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int, softmax_bytes: int, dropout: float) -> int:
+    """Attention probabilities kept by an unfused kernel: the softmax output (softmax_bytes per
+    element), its cast back to the model dtype when they differ, and with dropout the mask and
+    the dropped-out probabilities."""
+    scores = batch * spec.num_heads * seq * seq
+    saved = scores * softmax_bytes + (scores * flow.d if softmax_bytes != flow.d else 0)
+    if dropout > 0:
+        saved += scores * (flow.mask_bytes + flow.d)
+    return saved
+
+
+# ---------------------------------------------------------------------------- Llama family
+
+
+LLAMA_PARTS = ("input norm", "q/k/v inputs", "attention", "post-attention norm", "mlp inputs", "mlp")
+
+
+def llama_attention_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
+    """Self-attention after the q/k/v projections, RoPE applied (LlamaAttention.forward).
+
+    RoPE's `q * cos + rotate_half(q) * sin` multiplies by constants: it saves cos/sin (shared by
+    all layers), never q or k. Then:
+    - flash/efficient SDPA: q, k, v after RoPE — K and V at their own number of heads
+      (`enable_gqa`) — the output (also o_proj's input) and the log-sum-exp.
+    - eager (`eager_attention_forward`) and SDPA's math kernel: `repeat_kv` copies K and V to
+      every head; QKᵀ saves q and the repeated k; the fp32 softmax output and its cast back are
+      saved; the product with V saves the repeated v; the output is copied contiguous for o_proj.
+    """
+    tokens = batch * seq
+    d, q, kv = flow.d, spec.q_dim, spec.kv_dim
+    kernel = sdpa_kernel(spec, flow)
+    if kernel in ("flash", "efficient"):
+        saved = tokens * (q + 2 * kv) * d + flash_saved(spec, flow, batch, seq, kernel)
+        return saved + linear_inputs_saved(flow, tokens, q, ("o_proj",), counted=True)
+    repeated = kv if spec.num_kv_heads == spec.num_heads else q
+    saved = tokens * (q + 2 * repeated) * d + scores_saved(spec, flow, batch, seq, 4, 0.0)
+    return saved + linear_inputs_saved(flow, tokens, q, ("o_proj",))
+
+
+def gated_mlp_saved(spec: ModelSpec, flow: Flow, tokens: int) -> int:
+    """LlamaMLP: `down(act(gate(x)) * up(x))` with act = SiLU (Gemma: tanh-GELU).
+
+    The activation saves its input g; the product saves act(g) and up(x); down_proj's input
+    (the product) is kept like any linear input. All are `intermediate_size` wide.
+    """
+    i, d = spec.intermediate_size, flow.d
+    return 3 * tokens * i * d + linear_inputs_saved(flow, tokens, i, ("down_proj",))
+
+
+def llama_block_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int, first: bool) -> dict[str, int]:
+    """One decoder block of the Llama family (Llama, Mistral, Qwen2, Gemma), by part.
+
+    `first`: the first block of a LoRA model, whose input carries no gradient (frozen
+    embeddings), so its input norm saves nothing.
+    """
+    tokens = batch * seq
+    input_grad = not first or flow.embeddings_trainable
+    h = spec.hidden_size
+    return {
+        "input norm": rmsnorm_saved(spec, flow, tokens, input_grad),
+        "q/k/v inputs": linear_inputs_saved(flow, tokens, h, ("q_proj", "k_proj", "v_proj"), from_norm=True,
+                                            input_grad=input_grad),
+        "attention": llama_attention_saved(spec, flow, batch, seq),
+        "post-attention norm": rmsnorm_saved(spec, flow, tokens, True),
+        "mlp inputs": linear_inputs_saved(flow, tokens, h, ("gate_proj", "up_proj"), from_norm=True),
+        "mlp": gated_mlp_saved(spec, flow, tokens),
+    }
+
+
+NORM_BUMP = 12  # an RMSNorm/LayerNorm backward holds three fp32 hidden-size temporaries (bytes per feature)
+
+
+def llama_backward_steps(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> list[BackwardStep]:
+    """The bumps of a Llama block's backward, in the order autograd runs it (MLP first).
+
+    MLP: the gradients of the product's two factors (2·i·d a token) once down_proj's gradient
+    exists — plus the product's own gradient when down_proj did not keep the product (frozen,
+    no LoRA) so nothing was freed in exchange; each RMSNorm backward: three fp32 hidden-size
+    temporaries; attention: the gradients of q, k and v (flash), or the fp32 softmax gradient
+    and its cast (eager, a·s per token).
+    """
+    tokens = batch * seq
+    h, i, d = spec.hidden_size, spec.intermediate_size, flow.d
+    if sdpa_kernel(spec, flow) in ("flash", "efficient"):
+        attention_bump = tokens * (spec.q_dim + 2 * spec.kv_dim) * d
+    else:
+        attention_bump = tokens * spec.num_heads * seq * (4 + d)
+    mlp = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    qkv = ("attention.q_proj", "attention.k_proj", "attention.v_proj")
+    mlp_bump = tokens * i * d * (2 if flow.saves_input("down_proj") else 3)
+    return [
+        BackwardStep(LLAMA_PARTS, ("mlp.down_proj",), mlp_bump),
+        BackwardStep(LLAMA_PARTS[:4], mlp, tokens * NORM_BUMP * h),
+        BackwardStep(LLAMA_PARTS[:3], (*mlp, "norm2", "attention.o_proj"), attention_bump),
+        BackwardStep(LLAMA_PARTS[:1], (*mlp, "norm2", "attention.o_proj", *qkv), tokens * NORM_BUMP * h),
+    ]
+
+
+# ---------------------------------------------------------------------------- GPT-2
+
+
+GPT2_PARTS = ("ln_1", "attention", "ln_2", "mlp")
+
+
+def gpt2_block_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int, first: bool) -> dict[str, int]:
+    """GPT2Block: LayerNorm → Conv1D c_attn → attention → c_proj → dropout, LayerNorm → MLP.
+
+    - ln_1/ln_2: input and statistics; their outputs are c_attn's and c_fc's inputs.
+    - attention: flash/efficient SDPA keeps the fused qkv output (q, k, v are views of it), its
+      output and log-sum-exp; eager — and CPU SDPA with attention dropout, which runs the math
+      kernel in fp32 — keeps contiguous copies of q, kᵀ, v, the probabilities (with dropout mask
+      and result) and a contiguous copy of the output for c_proj; then the residual dropout mask.
+    - mlp: `gelu_new` is Python arithmetic, `0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))`: it keeps
+      x, 0.5·x, tanh(·) and 1 + tanh(·), each 4h wide; its output is c_proj's input; then the
+      residual dropout mask.
+    """
+    tokens, h, d = batch * seq, spec.hidden_size, flow.d
+    p_attn = spec.dropout.get("attn_pdrop", 0.0)
+    p_resid = spec.dropout.get("resid_pdrop", 0.0)
+    resid_mask = tokens * h * flow.mask_bytes if p_resid > 0 else 0
+    kernel = sdpa_kernel(spec, flow, p_attn)
+    if kernel in ("flash", "efficient"):
+        attention = tokens * 3 * h * d + flash_saved(spec, flow, batch, seq, kernel)
+    elif kernel == "math":  # CPU: q, k, v upcast to fp32, scores kept in fp32 too
+        scores = batch * spec.num_heads * seq * seq
+        attention = tokens * 3 * h * 4 + scores * 4 * 3 + tokens * h * d  # softmax, mask, dropped out
+    else:
+        attention = tokens * 3 * h * d + scores_saved(spec, flow, batch, seq, d, p_attn) + tokens * h * d
+    width = spec.intermediate_size
+    gelu = 4 if spec.activation == "gelu_new" else 1
+    return {
+        "ln_1": layernorm_saved(spec, flow, tokens) + tokens * h * d,
+        "attention": attention + resid_mask,
+        "ln_2": layernorm_saved(spec, flow, tokens) + tokens * h * d,
+        "mlp": tokens * width * d * (gelu + 1) + resid_mask,
+    }
+
+
+def gpt2_backward_steps(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> list[BackwardStep]:
+    """GPT-2 block backward: the MLP's 4h-wide gradients, then attention's q, k, v gradients."""
+    tokens, h, d = batch * seq, spec.hidden_size, flow.d
+    mlp = ("mlp.c_fc", "mlp.c_proj")
+    return [
+        BackwardStep(GPT2_PARTS, ("mlp.c_proj",), tokens * 2 * spec.intermediate_size * d),
+        BackwardStep(GPT2_PARTS[:2], (*mlp, "norm2", "attention.c_proj"), tokens * 3 * h * d),
+        BackwardStep(GPT2_PARTS[:1], (*mlp, "norm2", "attention.c_proj", "attention.c_attn"),
+                     tokens * NORM_BUMP * h),
+    ]
+
+
+# ---------------------------------------------------------------------------- GPT-NeoX
+
+
+NEOX_PARTS = ("norms", "attention", "mlp")
+
+
+def neox_block_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int, first: bool) -> dict[str, int]:
+    """GPTNeoXLayer with the parallel residual `x + attn(ln1(x)) + mlp(ln2(x))`.
+
+    - norms: x once (both LayerNorms read it), each norm's statistics and output.
+    - attention: q and k after partial RoPE (concatenations), then flash SDPA keeps the fused
+      qkv output (v is a view of it), the output and log-sum-exp; eager keeps a contiguous v
+      and the fp32 probabilities with their cast; both copy the output contiguous for `dense`.
+    - mlp: GELU keeps its input; `dense_4h_to_h` keeps GELU's output.
+    """
+    tokens, h, d = batch * seq, spec.hidden_size, flow.d
+    kernel = sdpa_kernel(spec, flow)
+    qk = tokens * 2 * h * d
+    if kernel in ("flash", "efficient"):
+        attention = qk + tokens * 3 * h * d + flash_saved(spec, flow, batch, seq, kernel)
+    else:
+        attention = qk + tokens * h * d + scores_saved(spec, flow, batch, seq, 4, 0.0)
+    norms = layernorm_saved(spec, flow, tokens) + layernorm_saved(spec, flow, tokens, with_input=False)
+    return {
+        "norms": norms + 2 * tokens * h * d,
+        "attention": attention + tokens * h * d,
+        "mlp": 2 * tokens * spec.intermediate_size * d,
+    }
+
+
+def neox_backward_steps(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> list[BackwardStep]:
+    """GPT-NeoX block backward: MLP gradients, then attention's, then both LayerNorms'."""
+    tokens, h, d = batch * seq, spec.hidden_size, flow.d
+    mlp = ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+    return [
+        BackwardStep(NEOX_PARTS, ("mlp.dense_4h_to_h",), tokens * 2 * spec.intermediate_size * d),
+        BackwardStep(NEOX_PARTS[:2], (*mlp, "attention.dense"), tokens * 3 * h * d),
+        BackwardStep(NEOX_PARTS[:1], (*mlp, "attention.dense", "attention.query_key_value"), tokens * NORM_BUMP * h),
+    ]
+
+
+# ---------------------------------------------------------------------------- a whole step
+
+BLOCKS = {
+    "llama": (llama_block_saved, llama_backward_steps),
+    "gemma": (llama_block_saved, llama_backward_steps),
+    "gpt2": (gpt2_block_saved, gpt2_backward_steps),
+    "gpt_neox": (neox_block_saved, neox_backward_steps),
+}
+
+
+def block_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int, first: bool = False) -> dict[str, int]:
+    """Saved bytes of one decoder block by part (the first block differs under LoRA)."""
+    return BLOCKS[spec.family][0](spec, flow, batch, seq, first)
+
+
+def block_backward_steps(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> list[BackwardStep]:
+    return BLOCKS[spec.family][1](spec, flow, batch, seq)
+
+
+def checkpointed_layer_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
+    """Gradient checkpointing (non-reentrant) keeps only each block's input hidden states."""
+    return batch * seq * spec.hidden_size * flow.residual_d
+
+
+def autocast_weight_copies(spec: ModelSpec, flow: Flow) -> int:
+    """Under autocast every linear (lm_head included) casts its fp32 weight to bf16 once per
+    forward and keeps the copy for backward (PyTorch AMP's weight cache); 2 bytes a weight."""
+    if not flow.autocast:
+        return 0
+    blocks = 0 if flow.checkpointing else spec.linear_params
+    return 2 * (blocks + spec.vocab_size * spec.hidden_size)
+
+
+def rotary_tables(spec: ModelSpec, flow: Flow, seq: int) -> int:
+    """RoPE's cos and sin for the positions of a batch, (1, s, head_dim) each, shared by all
+    blocks (computed in the residual dtype); Llama-family and GPT-NeoX blocks keep them."""
+    if spec.family == "gpt2":
+        return 0
+    return 2 * seq * spec.head_dim * flow.residual_d
+
+
+def token_ids(flow: Flow, batch: int, seq: int) -> int:
+    """The int64 input ids, kept by a trainable embedding for its backward."""
+    return batch * seq * 8 if flow.embeddings_trainable else 0
+
+
+def checkpointed_shared(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
+    """Inputs every checkpointed block shares: RoPE's tables and eager attention's (b, 1, s, s)
+    causal mask."""
+    mask = batch * seq * seq * flow.d if flow.attn == "eager" else 0
+    return mask + rotary_tables(spec, flow, seq)
+
+
+def head_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> dict[str, int]:
+    """Final norm, lm_head and the loss, as the *ForCausalLM classes compute them.
+
+    transformers' ForCausalLMLoss upcasts the logits to fp32 (`logits.float()`) and runs
+    cross-entropy, whose log-softmax saves its fp32 output (b·s·V·4). The model-dtype logits
+    and their fp32 copy are not saved; they are freed once the loss is computed.
+    GPT-2 drops out its embeddings (a mask per token and feature).
+    """
+    tokens = batch * seq
+    h, V = spec.hidden_size, spec.vocab_size
+    if spec.family in ("gpt2", "gpt_neox"):
+        final_norm = layernorm_saved(spec, flow, tokens)
+    else:
+        final_norm = rmsnorm_saved(spec, flow, tokens, True)
+    saved = {
+        "final norm": final_norm,
+        "lm_head input": tokens * h * flow.d if flow.lm_head_trainable else 0,
+        "log-softmax": tokens * V * 4,
+        "labels": tokens * 8,  # the shifted int64 targets the loss keeps
+    }
+    if flow.autocast:
+        saved["autocast weight copies"] = autocast_weight_copies(spec, flow)
+    if spec.dropout.get("embd_pdrop", 0.0) > 0:
+        saved["embedding dropout"] = tokens * h * flow.mask_bytes
+    return saved
+
+
+def loss_forward_transient(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
+    """At the log-softmax: the logits in the model dtype and, in bf16/fp16, their fp32 copy."""
+    tokens, V = batch * seq, spec.vocab_size
+    return tokens * V * flow.d + (tokens * V * 4 if flow.d < 4 else 0)
+
+
+def loss_backward_transient(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
+    """At the log-softmax backward: the nll gradient and the log-softmax gradient (fp32, b·s·V each)."""
+    return 2 * batch * seq * spec.vocab_size * 4
+
+
+def forward_transient(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
+    """Alive through the forward only: eager attention's (b, 1, s, s) causal mask in the model
+    dtype, and under autocast with checkpointing the autocast cache's bf16 weight copies (the
+    checkpointed blocks do not save them, the cache holds them until autocast exits)."""
+    mask = batch * seq * seq * flow.d if flow.attn == "eager" else 0
+    cache = 2 * spec.linear_params if flow.autocast and flow.checkpointing else 0
+    return mask + cache
+
+
+def activation_terms(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> dict[str, int]:
+    """Every saved tensor of one micro-batch, by part of the model, summed over layers."""
+    if flow.checkpointing:
+        layers = {"checkpointed block inputs": spec.num_layers * checkpointed_layer_saved(spec, flow, batch, seq),
+                  "checkpointed shared inputs": checkpointed_shared(spec, flow, batch, seq)}
+    else:
+        first = block_saved(spec, flow, batch, seq, first=True)
+        other = block_saved(spec, flow, batch, seq, first=False)
+        layers = {f"blocks: {k}": first[k] + (spec.num_layers - 1) * other[k] for k in other}
+        layers["blocks: rotary tables"] = rotary_tables(spec, flow, seq)
+    layers["embedding: token ids"] = token_ids(flow, batch, seq)
+    return {**layers, **{f"head: {k}": v for k, v in head_saved(spec, flow, batch, seq).items()}}

@@ -1,0 +1,122 @@
+"""`python -m estimator MODEL --method METHOD [options] [--json] [--gpus] [--max-batch-size GPU]`.
+
+Prints a readable breakdown by default, DESIGN.md's JSON object with --json. Bad input exits
+with status 2 and one line naming the value and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .estimate import (
+    CATEGORIES,
+    Estimate,
+    GiB,
+    estimate_spec,
+    find_gpu,
+    fit_table,
+    max_batch_size,
+    max_seq_len,
+)
+from .options import OneLineParser, add_training_arguments, configs_from_args
+from .spec import load_spec, preset_table
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(
+        prog="python -m estimator",
+        description="Predict the memory of one training step: peak, phase and breakdown by category.",
+    )
+    parser.add_argument("model", nargs="?", help="preset name, config.json path, model folder, or hub id")
+    add_training_arguments(parser)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="where the step runs (cuda adds the context and allocator overhead)")
+    parser.add_argument("--gpus", action="store_true", help="add the table of GPUs that fit")
+    parser.add_argument("--max-batch-size", metavar="GPU", help="largest batch size and sequence length on GPU")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own config code")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:,.2f} GiB"
+
+
+def describe(est: Estimate) -> str:
+    o = est.options
+    method = est.method
+    if method in ("lora", "qlora"):
+        method += f" (rank {o['rank']}, {o['targets']})"
+    elif method in ("galore", "qgalore"):
+        extra = ", layer-wise" if o["layerwise"] else ""
+        method += f" (rank {o['rank']}, {o['optimizer']}{extra})"
+    else:
+        method += f" ({o['optimizer']})"
+    precision = o["dtype"] + (" + bf16 autocast" if o["autocast"] else "")
+    ckpt = ", checkpointing" if o["grad_checkpointing"] else ""
+    accum = f" × {o['grad_accum']} accumulated" if o["grad_accum"] > 1 else ""
+    return (f"{est.model} · {method} · batch {o['batch_size']} × {o['seq_len']} tokens{accum} · "
+            f"{precision}{ckpt} · {o['attn_implementation']}")
+
+
+def render(est: Estimate) -> str:
+    lines = [describe(est)]
+    p = est.params_total
+    lines.append(f"parameters: {p / 1e9:.3f} B total, {est.params_trainable / 1e6:,.2f} M trainable "
+                 f"({100 * est.params_trainable / p:.2f}%)")
+    lines.append(f"peak allocated: {gib(est.peak_bytes)} in {est.moment}")
+    width = max(est.breakdown.values()) or 1
+    for cat in CATEGORIES:
+        value = est.breakdown[cat]
+        bar = "█" * round(24 * value / width)
+        lines.append(f"  {cat:<12} {gib(value):>14}  {100 * value / max(est.peak_bytes, 1):5.1f}%  {bar}")
+    if est.overhead_bytes:
+        lines.append(f"overhead (CUDA context, allocator slack): {gib(est.overhead_bytes)} → "
+                     f"needs {gib(est.total_bytes)} on a GPU")
+    lines += [f"note: {n}" for n in est.notes]
+    return "\n".join(lines)
+
+
+def render_gpus(rows: list[dict]) -> str:
+    out = [f"{'GPU':<18} {'memory':>10} {'fits':>5} {'headroom':>11}"]
+    for r in rows:
+        out.append(f"{r['gpu']:<18} {r['memory_gib']:>6.1f} GiB {'yes' if r['fits'] else 'no':>5} "
+                   f"{r['headroom_gib']:>7.2f} GiB")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.model:
+        names = ", ".join(preset_table())
+        parser.error(f"give a MODEL: a preset ({names}), a config.json path, a model folder or a hub id")
+    try:
+        method, setup = configs_from_args(args)
+        spec = load_spec(args.model, args.trust_remote_code)
+        est = estimate_spec(spec, method, setup, device=args.device)
+        gpu = find_gpu(args.max_batch_size) if args.max_batch_size else None
+    except ValueError as err:
+        parser.error(str(err))
+    result = est.to_dict()
+    text = [render(est)]
+    if args.gpus:
+        rows = fit_table(est)
+        result["gpus"] = rows
+        fits = [r["gpu"] for r in rows if r["fits"]]
+        text.append("\n" + render_gpus(rows))
+        text.append(f"fits {len(fits)} of {len(rows)} GPUs")
+    elif args.device == "cuda":
+        fits = [r["gpu"] for r in fit_table(est) if r["fits"]]
+        text.append("fits: " + (", ".join(fits) if fits else "none of the catalog's GPUs"))
+    if gpu is not None:
+        batch = max_batch_size(spec, method, setup, gpu)
+        seq = max_seq_len(spec, method, setup, gpu)
+        result["max_batch_size"] = {"gpu": gpu.name, "batch_size": batch, "seq_len": setup.seq_len,
+                                    "max_seq_len": seq, "at_batch_size": setup.batch_size}
+        b = "does not fit even at batch 1" if batch is None else f"batch size up to {batch}"
+        s = "no sequence length fits" if seq is None else f"sequences up to {seq} tokens"
+        text.append(f"\n{gpu.name} ({gpu.memory_mib / 1024:.1f} GiB): {b} at {setup.seq_len} tokens; "
+                    f"{s} at batch {setup.batch_size}")
+    print(json.dumps(result, indent=1) if args.json else "\n".join(text))
+    return 0

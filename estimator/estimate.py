@@ -1,0 +1,485 @@
+"""The peak memory of a training step: candidate moments of the step, the largest one wins.
+
+A steady-state step (optimizer states exist) allocates its peak at one of a few moments:
+
+    forward: loss          all activations saved, plus the logits and their fp32 copy
+    backward: loss         the log-softmax gradient beside the saved activations
+    backward: top block    the lm_head gradient, every block's activations, one block's bump
+    backward: end          every gradient (layer-wise: one tensor's gradient and update)
+    optimizer              every gradient and the optimizer's temporaries
+
+Each moment is a breakdown by category (DESIGN.md); the peak is the largest total. Gradient
+accumulation keeps the gradients of earlier micro-batches alive through the last forward.
+
+    est = estimate("llama-7b", GaLoreConfig(rank=1024, optimizer="adamw8bit", layerwise=True),
+                   TrainSetup(batch_size=1, seq_len=256, dtype="bf16"))
+    est.peak_bytes / 2**30, est.phase, est.breakdown
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from math import ceil
+from pathlib import Path
+
+from . import activations as act
+from . import memory as mem
+from .config import (
+    DTYPE_BYTES,
+    TARGET_SHORTHANDS,
+    GaLoreConfig,
+    LoRAConfig,
+    MethodConfig,
+    QGaLoreConfig,
+    QLoRAConfig,
+    TrainSetup,
+    parse_targets,
+)
+from .spec import ASSETS, ModelSpec, load_spec
+
+CATEGORIES = ("weights", "adapters", "gradients", "optimizer", "activations", "transient")
+CUDA_CONTEXT = 512 * 2**20  # CUDA context, cuBLAS and kernel images: not in the allocator's count
+ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation: reserved beyond allocated, as a share of the peak
+GiB = 2**30
+
+
+@dataclass
+class Estimate:
+    """A predicted step: the peak, its phase and breakdown, and every candidate moment."""
+
+    model: str
+    method: str
+    params_total: int
+    params_trainable: int
+    peak_bytes: int
+    phase: str
+    moment: str
+    breakdown: dict[str, int]
+    overhead_bytes: int
+    moments: dict[str, dict[str, int]] = field(default_factory=dict)
+    activation_terms: dict[str, int] = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        """What a GPU must hold: the allocated peak plus the overhead."""
+        return self.peak_bytes + self.overhead_bytes
+
+    def to_dict(self) -> dict:
+        """DESIGN.md's JSON object: model, method, params, peak_bytes, phase, breakdown, overhead_bytes, ..."""
+        return {
+            "model": self.model,
+            "method": self.method,
+            "params": {"total": self.params_total, "trainable": self.params_trainable},
+            "peak_bytes": self.peak_bytes,
+            "phase": self.phase,
+            "moment": self.moment,
+            "breakdown": dict(self.breakdown),
+            "overhead_bytes": self.overhead_bytes,
+            "moments": {k: dict(v) for k, v in self.moments.items()},
+            "activation_terms": dict(self.activation_terms),
+            "options": dict(self.options),
+            "notes": list(self.notes),
+        }
+
+
+def make_flow(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, device: str) -> act.Flow:
+    """Which tensors the step saves, from the method's trainability and the setup."""
+    full_rank = not isinstance(method, LoRAConfig)
+    lora = isinstance(method, LoRAConfig)
+    targets = frozenset(lin.short for lin in mem.target_linears(spec, method.targets)) if lora else frozenset()
+    return act.Flow(
+        d=2 if setup.autocast else DTYPE_BYTES[setup.dtype],  # autocast: matmuls run in bf16
+        base_trainable=full_rank,
+        norms_trainable=full_rank,
+        embeddings_trainable=full_rank,
+        lm_head_trainable=full_rank,
+        lora_targets=targets,
+        lora_rank=method.rank if lora else 0,
+        lora_dropout=float(method.dropout) if lora else 0.0,
+        quant_base="nf4" if isinstance(method, QLoRAConfig) else None,
+        attn=setup.attn_implementation,
+        device=device,
+        checkpointing=setup.grad_checkpointing,
+        autocast=setup.autocast,
+    )
+
+
+def check_against_model(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -> list[str]:
+    """Problems only the model can reveal (raise), and notes worth showing (returned)."""
+    problems, notes = [], []
+    if hasattr(method, "targets"):
+        chosen = mem.target_linears(spec, method.targets)
+        names = sorted({lin.short for lin in spec.linears})
+        wanted = parse_targets(method.targets)
+        missing = [w for w in wanted if w not in TARGET_SHORTHANDS and w not in names]
+        if missing:
+            problems.append(f"targets={method.targets!r}: no linear layer named {', '.join(missing)} in "
+                            f"{spec.name}; its layers are {', '.join(names)}")
+        elif not chosen:
+            problems.append(f"targets={method.targets!r} selects no linear layer of {spec.name}; its layers are "
+                            f"{', '.join(names)}")
+        elif hasattr(method, "rank"):
+            smallest = min(min(lin.in_features, lin.out_features) for lin in chosen)
+            if method.rank > smallest:
+                problems.append(f"rank={method.rank} is above the smallest target dimension ({smallest}) of "
+                                f"{spec.name}; use rank ≤ {smallest}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    if spec.max_position and setup.seq_len > spec.max_position:
+        notes.append(f"seq_len {setup.seq_len} is above the model's maximum position ({spec.max_position})")
+    if not spec.exact_family:
+        notes.append(f"{spec.model_type} has no activation model of its own; estimated as a Llama-like model")
+    return notes
+
+
+def gradients_alive_before(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, grads: int) -> int:
+    """Gradients accumulated by earlier micro-batches, alive through the last micro-batch.
+
+    Layer-wise GaLore accumulates projected gradients (ℓ elements per matrix, weight dtype) for
+    the projected weights and full gradients for the rest.
+    """
+    if setup.grad_accum == 1:
+        return 0
+    if not (isinstance(method, GaLoreConfig) and method.layerwise):
+        return grads
+    d = DTYPE_BYTES[setup.dtype]
+    total = 0
+    for lin in spec.linears:
+        if mem.is_target(lin, method.targets):
+            total += lin.count * galore_low_rank_numel(lin, method) * d
+        else:
+            total += lin.count * lin.in_features * lin.out_features * d
+        if lin.bias:
+            total += lin.count * lin.out_features * d
+    return total + sum(mem._non_linear_tensors(spec)) * d
+
+
+def largest_linear(spec: ModelSpec) -> int:
+    return max(lin.in_features * lin.out_features for lin in spec.linears)
+
+
+def dequant_transient(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -> int:
+    """QLoRA and Q-GaLore dequantize one weight at a time for its matmul (compute dtype);
+    lowrank.quant dequantizes INT8 through one fp32 block of at most 2²⁰ elements."""
+    if isinstance(method, QLoRAConfig):
+        return largest_linear(spec) * DTYPE_BYTES[method.compute_dtype]
+    if isinstance(method, QGaLoreConfig):
+        largest = largest_linear(spec)
+        return largest * DTYPE_BYTES[setup.dtype] + 4 * min(largest, QUANT_BLOCK)
+    return 0
+
+
+GALORE_SLICE = 1 << 20  # lowrank.galore updates non-projected tensors in slices of this many elements
+
+
+def galore_low_rank_numel(lin, method: GaLoreConfig) -> int:
+    r = min(method.rank, lin.in_features, lin.out_features)
+    if method.proj_type == "full":
+        return r * r
+    return r * max(lin.in_features, lin.out_features)
+
+
+def galore_adam_temps(numel: int, method: GaLoreConfig, d: int) -> int:
+    """lowrank.galore's Adam on one low-rank gradient: 32-bit keeps the gradient and the
+    direction (2ℓ in the weight dtype); 8-bit dequantizes both moments to fp32 beside the
+    gradient and an fp32 copy of it (13ℓ with fp32 weights, 14ℓ with bf16, and the absmax)."""
+    if method.optimizer == "adamw8bit" and numel >= mem.ADAM8_MIN_SIZE:
+        return (13 if d == 4 else 14) * numel + 4 * ceil(numel / mem.ADAM8_BLOCK)
+    return 2 * numel * (4 if method.optimizer == "adamw8bit" else d)
+
+
+def galore_plain_temps(numel: int, method: GaLoreConfig, d: int) -> int:
+    """AdamW on a non-projected tensor, in slices of 2²⁰ elements: a denominator slice (32-bit),
+    or the slice's two dequantized fp32 moments and the gradient (8-bit: 9 bytes an element
+    with fp32 weights, 12 with bf16, measured)."""
+    s = min(numel, GALORE_SLICE)
+    if method.optimizer == "adamw8bit" and numel >= mem.ADAM8_MIN_SIZE:
+        return (9 if d == 4 else 12) * s
+    return s * (4 if method.optimizer == "adamw8bit" else d)
+
+
+def galore_update_temps(lin, method: GaLoreConfig, d: int) -> int:
+    """Temporaries of one projected weight's update: Adam on ℓ, plus for Q-GaLore the dequantized
+    projection and the full-size update added to the INT8 weight by stochastic rounding."""
+    low = galore_low_rank_numel(lin, method)
+    temps = galore_adam_temps(low, method, d)
+    if isinstance(method, QGaLoreConfig):
+        r = min(method.rank, lin.in_features, lin.out_features)
+        proj = r * min(lin.in_features, lin.out_features) * d
+        numel = lin.in_features * lin.out_features
+        temps = max(temps, numel * d + proj + stochastic_rounding_temps(numel))
+    return temps
+
+
+QUANT_BLOCK = 1 << 20  # lowrank.quant works in blocks of this many elements
+
+
+def stochastic_rounding_temps(numel: int) -> int:
+    """lowrank.quant.stochastic_update_ on one block: two fp32 copies of it and per-group work
+    (measured: 8.13 bytes per element of a block, tests/estimator/test_memory.py)."""
+    block = min(numel, QUANT_BLOCK)
+    return 8 * block + block * 33 // 256
+
+
+def update_transient(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -> int:
+    """Temporaries of the optimizer step at its worst tensor (tensors are updated one by one).
+
+    Fused torch AdamW, bitsandbytes AdamW8bit and SGD update in place. torch's Adafactor
+    rebuilds the full second-moment estimate `row_var @ col_var` of the matrix it updates (one
+    full-size tensor). GaLore: see galore_update_temps and galore_plain_temps.
+    """
+    d = DTYPE_BYTES[setup.dtype]
+    if isinstance(method, GaLoreConfig):
+        worst = max([galore_update_temps(lin, method, d) for lin in spec.linears if mem.is_target(lin, method.targets)]
+                    + [galore_plain_temps(n, method, d) for n in _plain_tensors(spec, method)])
+        return worst
+    if getattr(method, "optimizer", None) == "adafactor":
+        if isinstance(method, LoRAConfig):
+            largest = max(method.rank * max(lin.in_features, lin.out_features)
+                          for lin in mem.target_linears(spec, method.targets))
+            return largest * mem.adapter_dtype_bytes(method, setup)
+        return max([lin.in_features * lin.out_features for lin in spec.linears]
+                   + [spec.vocab_size * spec.hidden_size]) * d
+    return 0
+
+
+def _plain_tensors(spec: ModelSpec, method: GaLoreConfig) -> list[int]:
+    """numel of the tensors GaLore leaves to plain AdamW."""
+    out = mem._non_linear_tensors(spec)
+    for lin in spec.linears:
+        if not mem.is_target(lin, method.targets):
+            out.append(lin.in_features * lin.out_features)
+        if lin.bias:
+            out.append(lin.out_features)
+    return out
+
+
+def layerwise_hooks(spec: ModelSpec, method: GaLoreConfig, setup: TrainSetup) -> list[tuple[int, int]]:
+    """(gradients, transient) at the worst moments of a layer-wise hook in a block.
+
+    First the full gradient of a projected weight sits beside its projection R (ℓ elements);
+    the gradient is then freed and Adam's temporaries (and Q-GaLore's full-size update) follow.
+    """
+    d = DTYPE_BYTES[setup.dtype]
+    projected = [lin for lin in spec.linears if mem.is_target(lin, method.targets)]
+    hooks = [(lin.in_features * lin.out_features * d, galore_low_rank_numel(lin, method) * d) for lin in projected]
+    hooks += [(0, galore_update_temps(lin, method, d)) for lin in projected]
+    return hooks
+
+
+def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, flow: act.Flow,
+                     before: int, grads: int) -> dict[str, tuple[int, int, int]]:
+    """(gradients, activations, transient) at the worst bump of the top and of the bottom block.
+
+    Top block: every block's activations are alive and only the head's gradients exist.
+    Bottom block: every other gradient exists and only the first block's activations remain.
+    With checkpointing the block being differentiated is recomputed: its saved tensors are
+    short-lived (transient) beside the checkpointed block inputs (activations).
+    Layer-wise GaLore keeps no gradient but the one its hook is consuming (`layerwise_hooks`);
+    a tied embedding's gradient waits for the end of backward, when both uses have added theirs.
+    """
+    b, s = setup.batch_size, setup.seq_len
+    d = DTYPE_BYTES[setup.dtype]
+    layerwise = isinstance(method, GaLoreConfig) and method.layerwise
+    block_grads = {} if layerwise else mem.block_gradient_bytes(spec, method, setup)
+    head_grads = 0 if layerwise else mem.head_gradient_bytes(spec, method, setup)
+    embedding_grads = 0 if layerwise or isinstance(method, LoRAConfig) or spec.tie_word_embeddings else \
+        spec.embedding_params * d
+    tied_pending = spec.vocab_size * spec.hidden_size * d if layerwise and spec.tie_word_embeddings else 0
+    dequant = dequant_transient(spec, method, setup)
+    hooks = layerwise_hooks(spec, method, setup) if layerwise else []
+    n = spec.num_layers
+    out = {}
+    for where, first in (("top block", False), ("bottom block", True)):
+        parts = act.block_saved(spec, flow, b, s, first=first)
+        other = act.block_saved(spec, flow, b, s, first=not first)
+        candidates = []
+        for step in act.block_backward_steps(spec, flow, b, s):
+            alive = sum(parts[p] for p in step.alive)
+            made = sum(block_grads.get(k, 0) for k in step.grads_of)
+            if flow.checkpointing:
+                ckpt = act.checkpointed_layer_saved(spec, flow, b, s)
+                shared = act.checkpointed_shared(spec, flow, b, s)
+                activations = (n if where == "top block" else 1) * ckpt + shared + act.token_ids(flow, b, s)
+                recomputed = alive
+            else:
+                activations = alive + ((n - 1) * sum(other.values()) if where == "top block" else 0)
+                activations += act.rotary_tables(spec, flow, s) + act.token_ids(flow, b, s)
+                recomputed = 0
+            if before:  # accumulating: each new gradient is added to the old one as soon as it is made
+                gradients = before
+            elif layerwise:  # each gradient is consumed by its hook as soon as it is made
+                gradients = tied_pending
+            elif where == "top block":
+                gradients = head_grads + made
+            else:
+                gradients = grads - embedding_grads - sum(block_grads.values()) + made
+            for extra_grads, extra in [(0, step.transient + dequant), *hooks]:
+                candidates.append((gradients + extra_grads, activations, recomputed + extra))
+        if layerwise and where == "top block" and spec.lm_head_params:
+            # lm_head's hook: its gradient and AdamW slices beside every block's activations and
+            # the final norm's (its backward comes next)
+            blocks = candidates[0][1] + act.head_saved(spec, flow, b, s)["final norm"]
+            lm_head_grad = 0 if before else spec.lm_head_params * d  # accumulating: already in `before`
+            hidden_grad = b * s * spec.hidden_size * flow.d  # flowing on into the final norm
+            candidates.append((before + lm_head_grad, blocks,
+                               galore_plain_temps(spec.lm_head_params, method, d) + hidden_grad))
+        if before and where == "top block":
+            # the head's new gradient waits beside every block's activations until it is added
+            if flow.checkpointing:
+                blocks = n * act.checkpointed_layer_saved(spec, flow, b, s) + act.checkpointed_shared(spec, flow, b, s)
+            else:
+                blocks = sum(parts.values()) + (n - 1) * sum(other.values()) + act.rotary_tables(spec, flow, s)
+            candidates.append((before, blocks + act.token_ids(flow, b, s), head_grads))
+        out[f"backward: {where}"] = max(candidates, key=sum)
+    return out
+
+
+def estimate_spec(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, device: str = "cuda") -> Estimate:
+    """Predict one steady-state training step of `spec` with `method` and `setup`."""
+    notes = check_against_model(spec, method, setup)
+    flow = make_flow(spec, method, setup, device)
+    b, s = setup.batch_size, setup.seq_len
+    d = DTYPE_BYTES[setup.dtype]
+    static = {
+        "weights": mem.weights_bytes(spec, method, setup),
+        "adapters": mem.adapters_bytes(spec, method, setup),
+        "optimizer": mem.optimizer_bytes(spec, method, setup),
+    }
+    grads = mem.gradient_bytes(spec, method, setup)
+    layerwise = isinstance(method, GaLoreConfig) and method.layerwise
+    before = gradients_alive_before(spec, method, setup, grads)
+    terms = act.activation_terms(spec, flow, b, s)
+    saved = sum(terms.values())
+    update = update_transient(spec, method, setup)
+
+    def moment(gradients: int, activations: int, transient: int) -> dict[str, int]:
+        return {**static, "gradients": gradients, "activations": activations, "transient": transient}
+
+    moments = {
+        "forward: loss": moment(before, saved, act.loss_forward_transient(spec, flow, b, s)
+                                + act.forward_transient(spec, flow, b, s)),
+        "backward: loss": moment(before, saved, act.loss_backward_transient(spec, flow, b, s)),
+    }
+    for name, values in backward_moments(spec, method, setup, flow, before, grads).items():
+        moments[name] = moment(*values)
+    if layerwise:  # the last hook: the token embedding's gradient and its AdamW slices
+        embedding = spec.vocab_size * spec.hidden_size
+        tied_sum = 2 * embedding * d if spec.tie_word_embeddings else 0
+        moments["backward: end"] = moment(before + (0 if before else embedding * d), 0,
+                                          max(tied_sum, galore_plain_temps(embedding, method, d)))
+    else:
+        # a tied embedding gets two gradients, lm_head's and the input side's; autograd's input
+        # buffer adds them out of place, so the new one and the sum coexist with the first
+        tied = spec.tie_word_embeddings and flow.embeddings_trainable
+        moments["backward: end"] = moment(grads, 0, 2 * spec.vocab_size * spec.hidden_size * d if tied else 0)
+        moments["optimizer"] = moment(grads, 0, update)
+    name = max(moments, key=lambda k: sum(moments[k].values()))
+    breakdown = {c: moments[name][c] for c in CATEGORIES}
+    peak = sum(breakdown.values())
+    overhead = CUDA_CONTEXT + int(ALLOCATOR_SLACK * peak) if device == "cuda" else 0
+    return Estimate(
+        model=spec.name,
+        method=method.method,
+        params_total=spec.params_total,
+        params_trainable=mem.params_trainable(spec, method),
+        peak_bytes=peak,
+        phase=name.split(":")[0],
+        moment=name,
+        breakdown=breakdown,
+        overhead_bytes=overhead,
+        moments=moments,
+        activation_terms=terms,
+        options={**method.to_dict(), **asdict(setup)},
+        notes=notes,
+    )
+
+
+def estimate(model: str | ModelSpec, method: MethodConfig, setup: TrainSetup | None = None,
+             device: str = "cuda", trust_remote_code: bool = False) -> Estimate:
+    """Predict the memory of one training step. `model`: preset, config path, folder, hub id or ModelSpec."""
+    spec = model if isinstance(model, ModelSpec) else load_spec(model, trust_remote_code)
+    return estimate_spec(spec, method, setup or TrainSetup(), device)
+
+
+# ---------------------------------------------------------------------------- GPUs
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_mib: int
+    kind: str
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory_mib * 2**20
+
+
+@lru_cache(maxsize=1)
+def gpu_catalog() -> tuple[GPU, ...]:
+    data = json.loads(Path(ASSETS / "gpus.json").read_text())
+    return tuple(GPU(**g) for g in data["gpus"])
+
+
+def find_gpu(name: str) -> GPU:
+    """A GPU from the catalog by name, case and spaces ignored; ValueError suggests close names."""
+    import difflib
+
+    key = name.lower().replace(" ", "").replace("-", "")
+    for gpu in gpu_catalog():
+        if gpu.name.lower().replace(" ", "").replace("-", "") == key:
+            return gpu
+    names = [g.name for g in gpu_catalog()]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.4)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known GPUs: {', '.join(names)}"
+    raise ValueError(f"gpu={name!r} is not in the catalog; {hint}")
+
+
+def fit_table(est: Estimate) -> list[dict]:
+    """Every catalog GPU: does this step fit (allocated peak + overhead ≤ memory), and the headroom."""
+    need = est.total_bytes
+    return [{"gpu": g.name, "memory_gib": round(g.memory_bytes / GiB, 1), "fits": need <= g.memory_bytes,
+             "headroom_gib": round((g.memory_bytes - need) / GiB, 2)} for g in gpu_catalog()]
+
+
+def _largest(fits, upper: int) -> int | None:
+    """Largest n in [1, upper] with fits(n) true, assuming fits is monotone; None if even 1 fails."""
+    if not fits(1):
+        return None
+    lo, hi = 1, 2
+    while hi <= upper and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, upper + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def max_batch_size(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, gpu: GPU,
+                   upper: int = 1 << 16) -> int | None:
+    """The largest micro-batch that fits `gpu` at this sequence length (None: not even 1)."""
+    from dataclasses import replace
+
+    def fits(batch: int) -> bool:
+        return estimate_spec(spec, method, replace(setup, batch_size=batch)).total_bytes <= gpu.memory_bytes
+
+    return _largest(fits, upper)
+
+
+def max_seq_len(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, gpu: GPU) -> int | None:
+    """The longest sequence that fits `gpu` at this batch size, up to the model's maximum position."""
+    from dataclasses import replace
+
+    def fits(seq: int) -> bool:
+        return estimate_spec(spec, method, replace(setup, seq_len=seq)).total_bytes <= gpu.memory_bytes
+
+    return _largest(fits, spec.max_position or 1 << 20)

@@ -1,0 +1,147 @@
+"""Command-line options shared by `python -m estimator` and `python -m lowrank.train`.
+
+One table maps each option to a dataclass field, so both commands accept the same names and a
+prediction and a run always describe the same thing. An option the chosen method does not
+have is an error naming the methods it belongs to.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+from .config import (
+    ATTN_IMPLEMENTATIONS,
+    DTYPE_BYTES,
+    METHODS,
+    OPTIMIZERS,
+    PROJ_TYPES,
+    QUANT_TYPES,
+    SVD_METHODS,
+    MethodConfig,
+    TrainSetup,
+    method_config,
+)
+
+LORA = ("lora", "qlora")
+GALORE = ("galore", "qgalore")
+ALL = tuple(METHODS)
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    field: str
+    type: Any
+    help: str
+    methods: tuple[str, ...] = ALL
+    choices: tuple | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+METHOD_OPTIONS = (
+    Option("--rank", "rank", int, "rank of LoRA factors or of GaLore's projection", LORA + GALORE),
+    Option("--lora-alpha", "alpha", float, "LoRA alpha (scaling = alpha / rank)", LORA),
+    Option("--lora-dropout", "dropout", float, "dropout on the LoRA input", LORA),
+    Option("--lora-targets", "targets", str, "attention, mlp, all-linear, or names like q_proj,v_proj", LORA),
+    Option("--rslora", "use_rslora", bool, "scale LoRA by alpha / sqrt(rank)", LORA),
+    Option("--optimizer", "optimizer", str, "optimizer (GaLore: adamw or adamw8bit)", ALL, OPTIMIZERS),
+    Option("--quant-type", "quant_type", str, "QLoRA 4-bit data type", ("qlora",), QUANT_TYPES),
+    Option("--double-quant", "double_quant", bool, "QLoRA: quantize the quantization constants too", ("qlora",)),
+    Option("--compute-dtype", "compute_dtype", str, "QLoRA: dtype the 4-bit weights are dequantized to",
+           ("qlora",), tuple(DTYPE_BYTES)),
+    Option("--update-proj-gap", "update_proj_gap", int, "GaLore: steps between subspace refreshes (T)", GALORE),
+    Option("--galore-scale", "scale", float, "GaLore: scale of the projected-back update (alpha)", GALORE),
+    Option("--proj-type", "proj_type", str, "GaLore projection type", GALORE, PROJ_TYPES),
+    Option("--layerwise", "layerwise", bool, "GaLore: update each weight during backward", GALORE),
+    Option("--svd", "svd", str, "GaLore: how the subspace is computed", GALORE, SVD_METHODS),
+    Option("--stagger", "stagger", bool, "GaLore: spread the layers' subspace refreshes over the gap", GALORE),
+    Option("--galore-targets", "targets", str, "GaLore: attention, mlp, all-linear, or layer names", GALORE),
+    Option("--weight-group-size", "weight_group_size", int, "Q-GaLore: INT8 weight group size", ("qgalore",)),
+    Option("--proj-bits", "proj_bits", int, "Q-GaLore: bits of the projection matrices", ("qgalore",), (4, 8, 16)),
+    Option("--proj-group-size", "proj_group_size", int, "Q-GaLore: projection quantization group size",
+           ("qgalore",)),
+    Option("--adaptive", "adaptive", bool, "Q-GaLore: lazy layer-adaptive subspace refreshes", ("qgalore",)),
+    Option("--cos-threshold", "cos_threshold", float, "Q-GaLore: similarity above which a layer's gap doubles",
+           ("qgalore",)),
+    Option("--queue-size", "queue_size", int, "Q-GaLore: refreshes averaged before the gap doubles", ("qgalore",)),
+)
+
+SETUP_OPTIONS = (
+    Option("--batch-size", "batch_size", int, "micro-batch size"),
+    Option("--seq-len", "seq_len", int, "tokens per sequence"),
+    Option("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
+    Option("--dtype", "dtype", str, "weight dtype", ALL, tuple(DTYPE_BYTES)),
+    Option("--autocast", "autocast", bool, "mixed precision: fp32 weights, bf16 matmuls"),
+    Option("--grad-checkpointing", "grad_checkpointing", bool, "recompute activations in backward"),
+    Option("--attn", "attn_implementation", str, "attention implementation", ALL, ATTN_IMPLEMENTATIONS),
+)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 2 (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add(parser: argparse.ArgumentParser, option: Option) -> None:
+    if option.type is bool:
+        parser.add_argument(option.flag, dest=option.dest, action=argparse.BooleanOptionalAction, default=None,
+                            help=option.help)
+    else:
+        metavar = None if option.choices else option.dest.upper()
+        parser.add_argument(option.flag, dest=option.dest, type=option.type, default=None, choices=option.choices,
+                            help=option.help, metavar=metavar)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """--method plus every method and setup option."""
+    parser.add_argument("--method", required=True, choices=tuple(METHODS), help="training method")
+    group = parser.add_argument_group("method options (each applies to some methods)")
+    for option in METHOD_OPTIONS:
+        _add(group, option)
+    group = parser.add_argument_group("training setup")
+    for option in SETUP_OPTIONS:
+        _add(group, option)
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[MethodConfig, TrainSetup]:
+    """The method dataclass and TrainSetup the parsed options describe; ValueError on misuse."""
+    method = args.method
+    problems, options = [], {}
+    for option in METHOD_OPTIONS:
+        value = getattr(args, option.dest)
+        if value is None:
+            continue
+        if method not in option.methods:
+            problems.append(f"{option.flag} does not apply to --method {method}; it is an option of "
+                            f"{', '.join(option.methods)}")
+        else:
+            options[option.field] = value
+    if problems:
+        raise ValueError("; ".join(problems))
+    setup = {o.field: getattr(args, o.dest) for o in SETUP_OPTIONS if getattr(args, o.dest) is not None}
+    return method_config(method, **options), TrainSetup(**setup)
+
+
+def flags_for(method: MethodConfig, setup: TrainSetup) -> list[str]:
+    """The command-line flags that rebuild `method` and `setup` (runs started by the app use them)."""
+    out = ["--method", method.method]
+    data = method.to_dict()
+    for option in METHOD_OPTIONS:
+        if method.method in option.methods:
+            out += _flag(option, data[option.field])
+    for option in SETUP_OPTIONS:
+        out += _flag(option, getattr(setup, option.field))
+    return out
+
+
+def _flag(option: Option, value: Any) -> list[str]:
+    if option.type is bool:
+        return [option.flag if value else "--no-" + option.flag[2:]]
+    return [option.flag, str(value)]

@@ -1,0 +1,75 @@
+"""The estimator against measurement: one real training step on CPU, tracked storage by storage.
+
+Targets (README): the peak within 5% and every category holding ≥10% of the peak within 5%.
+Tiny models keep the suite fast; bench/estimator_accuracy.py runs the large matrix.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from estimator.config import FullConfig, GaLoreConfig, LoRAConfig, QGaLoreConfig, QLoRAConfig, TrainSetup
+from estimator.estimate import estimate_spec
+from estimator.spec import spec_from_config
+from lowrank.methods import prepare
+from lowrank.report import compare_memory
+from lowrank.step import measure_step, training_step
+from tests.conftest import tiny_config
+
+WIDER = dict(hidden_size=128, intermediate_size=344, num_attention_heads=4, num_key_value_heads=2,
+             num_hidden_layers=2, vocab_size=512)
+
+
+def predicted_and_measured(method, setup, model_type="llama", **overrides):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(model_type, attn=setup.attn_implementation, **overrides)
+    torch.manual_seed(0)
+    prepared = prepare(AutoModelForCausalLM.from_config(config), method, setup, lr=1e-4)
+    batches = []
+    for _ in range(setup.grad_accum):
+        ids = torch.randint(0, config.vocab_size, (setup.batch_size, setup.seq_len))
+        batches.append({"input_ids": ids, "labels": ids})
+    training_step(prepared.model, prepared.optimizer, batches, setup)  # optimizer states now exist
+    _, measured = measure_step(prepared.model, prepared.optimizer, batches, setup)
+    predicted = estimate_spec(spec_from_config(config, model_type), method, setup, device="cpu")
+    return predicted.to_dict(), measured.to_dict()
+
+
+def assert_close(predicted, measured):
+    check = compare_memory(predicted, measured)
+    assert check.ok, f"{check.failures}: predicted {predicted['breakdown']} measured {measured['breakdown']}"
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gemma", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_full_training_every_architecture(model_type, attn):
+    setup = TrainSetup(batch_size=2, seq_len=128, attn_implementation=attn)
+    assert_close(*predicted_and_measured(FullConfig(), setup, model_type))
+
+
+SETUPS = [
+    TrainSetup(batch_size=4, seq_len=128, dtype="bf16"),
+    TrainSetup(batch_size=2, seq_len=128, dtype="fp32", grad_checkpointing=True),
+    TrainSetup(batch_size=2, seq_len=128, dtype="bf16", grad_accum=2),
+    TrainSetup(batch_size=2, seq_len=128, dtype="fp32", autocast=True),
+]
+METHODS = [
+    FullConfig(), FullConfig(optimizer="adamw8bit"), FullConfig(optimizer="adafactor"),
+    LoRAConfig(rank=8), LoRAConfig(rank=16, targets="q_proj,v_proj", dropout=0.1),
+    QLoRAConfig(rank=8),
+    GaLoreConfig(rank=16), GaLoreConfig(rank=16, optimizer="adamw8bit", layerwise=True),
+    QGaLoreConfig(rank=16),
+]
+
+
+@pytest.mark.parametrize("setup", SETUPS, ids=["bf16", "fp32-ckpt", "accum", "autocast"])
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: f"{m.method}-{getattr(m, 'optimizer', '')}")
+def test_every_method(method, setup):
+    if isinstance(method, QLoRAConfig) and setup.dtype == "fp32":
+        setup = TrainSetup(**{**setup.__dict__, "dtype": "bf16", "autocast": False})
+    if setup.autocast and not isinstance(method, (FullConfig, LoRAConfig)) or isinstance(method, QLoRAConfig) \
+            and setup.autocast:
+        pytest.skip("autocast is modeled for full training and LoRA")
+    assert_close(*predicted_and_measured(method, setup, **WIDER))

@@ -1,0 +1,146 @@
+"""Static terms against real tensors: weights of real models (plain, NF4, INT8) and the optimizer
+states torch, bitsandbytes and our GaLore optimizers allocate after one step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from estimator import estimate as est
+from estimator import memory as mem
+from estimator.config import (
+    FullConfig,
+    GaLoreConfig,
+    LoRAConfig,
+    QGaLoreConfig,
+    QLoRAConfig,
+    TrainSetup,
+)
+from estimator.spec import spec_from_config
+from lowrank.memory import MemoryTracker
+from lowrank.methods import prepare
+from lowrank.step import training_step
+from tests.conftest import TINY, tiny_config, tiny_model
+
+
+def stored_bytes(model, optimizer=None) -> dict[str, int]:
+    """Bytes of every distinct storage the model (and optimizer) hold, by category."""
+    tracker = MemoryTracker()
+    tracker.watch_model(model)
+    if optimizer is not None:
+        tracker.watch_optimizer(optimizer)
+    return tracker.breakdown_at(tracker.clock)
+
+
+def one_step(model_type: str, method, dtype: str = "bf16", **overrides):
+    model = tiny_model(model_type, **overrides)
+    setup = TrainSetup(batch_size=2, seq_len=16, dtype=dtype)
+    prepared = prepare(model, method, setup, lr=1e-3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    training_step(prepared.model, prepared.optimizer, [{"input_ids": ids, "labels": ids}], setup)
+    return prepared, spec_from_config(model.config, model_type), setup
+
+
+@pytest.mark.parametrize("model_type", list(TINY))
+@pytest.mark.parametrize("dtype,torch_dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_weights_equal_numel_times_itemsize(model_type, dtype, torch_dtype):
+    model = tiny_model(model_type).to(torch_dtype)
+    real = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    spec = spec_from_config(model.config, model_type)
+    assert mem.weights_bytes(spec, FullConfig(), TrainSetup(dtype=dtype)) == real
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj"])
+def test_qlora_weights_are_the_stored_nf4_bytes(double_quant, targets):
+    method = QLoRAConfig(rank=4, double_quant=double_quant, targets=targets)
+    prepared, spec, setup = one_step("llama", method)
+    real = stored_bytes(prepared.model)
+    assert mem.weights_bytes(spec, method, setup) == real["weights"]
+    assert mem.adapters_bytes(spec, method, setup) == real["adapters"]
+
+
+def test_nf4_formula_on_a_real_layer():
+    import bitsandbytes as bnb  # noqa: F401  (registers the quantization ops)
+    from bitsandbytes.functional import quantize_4bit
+
+    for double_quant in (True, False):
+        weight = torch.randn(384, 1024, dtype=torch.bfloat16)
+        codes, state = quantize_4bit(weight, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+        tensors = [codes, state.absmax, state.code]
+        if double_quant:
+            tensors += [state.state2.absmax, state.state2.code, state.offset]
+        real = sum(t.numel() * t.element_size() for t in tensors)
+        assert mem.nf4_bytes(weight.numel(), double_quant) == real
+
+
+def test_qgalore_int8_weights_and_int4_projections():
+    method = QGaLoreConfig(rank=8, update_proj_gap=5)
+    prepared, spec, setup = one_step("llama", method)
+    real = stored_bytes(prepared.model, prepared.optimizer)
+    assert mem.weights_bytes(spec, method, setup) == real["weights"]
+    assert mem.optimizer_bytes(spec, method, setup) == real["optimizer"]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "adafactor", "sgd"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_full_optimizer_states_after_one_step(optimizer, dtype):
+    method = FullConfig(optimizer=optimizer)
+    prepared, spec, setup = one_step("llama", method, dtype, intermediate_size=4096)  # some 8-bit sized tensors
+    assert mem.optimizer_bytes(spec, method, setup) == stored_bytes(prepared.model, prepared.optimizer)["optimizer"]
+
+
+@pytest.mark.parametrize("method", [LoRAConfig(rank=8), LoRAConfig(rank=4, targets="attention", optimizer="adamw8bit"),
+                                    QLoRAConfig(rank=8, optimizer="sgd")])
+def test_lora_optimizer_states_after_one_step(method):
+    prepared, spec, setup = one_step("llama", method)
+    assert mem.optimizer_bytes(spec, method, setup) == stored_bytes(prepared.model, prepared.optimizer)["optimizer"]
+
+
+@pytest.mark.parametrize("method", [GaLoreConfig(rank=8), GaLoreConfig(rank=8, optimizer="adamw8bit"),
+                                    GaLoreConfig(rank=8, proj_type="full"), GaLoreConfig(rank=16, targets="mlp"),
+                                    QGaLoreConfig(rank=8, proj_bits=8, optimizer="adamw")])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_galore_optimizer_states_after_one_step(method, dtype):
+    prepared, spec, setup = one_step("llama", method, dtype, intermediate_size=4096)
+    assert mem.optimizer_bytes(spec, method, setup) == stored_bytes(prepared.model, prepared.optimizer)["optimizer"]
+
+
+def test_trainable_parameter_counts():
+    for method in (FullConfig(), LoRAConfig(rank=4), QLoRAConfig(rank=4), GaLoreConfig(rank=8), QGaLoreConfig(rank=8)):
+        prepared, spec, _ = one_step("llama", method)
+        assert mem.params_trainable(spec, method) == prepared.trainable_parameters()
+
+
+def test_stochastic_rounding_work_space():
+    from lowrank.qgalore import Int8Linear
+
+    layer = Int8Linear.from_linear(torch.nn.Linear(512, 1024, bias=False))
+    update = torch.randn(1024, 512) * 1e-3
+    tracker = MemoryTracker()
+    tracker.watch(layer.buffers(), "weights")
+    tracker.watch([update], "transient")
+    base = tracker.current_bytes
+    with tracker:
+        layer.apply_update(update)
+    assert tracker.result().peak_bytes - base == pytest.approx(est.stochastic_rounding_temps(update.numel()), rel=0.01)
+
+
+def test_gpu_fit_uses_peak_plus_overhead():
+    estimate = est.estimate("llama-7b", GaLoreConfig(rank=1024, optimizer="adamw8bit", layerwise=True),
+                            TrainSetup(batch_size=1, seq_len=256))
+    rows = {row["gpu"]: row for row in est.fit_table(estimate)}
+    assert rows["RTX 4090"]["fits"] and not rows["RTX 4060 Ti 16GB"]["fits"]
+    need = estimate.peak_bytes + estimate.overhead_bytes
+    assert rows["RTX 4090"]["headroom_gib"] == pytest.approx((24564 * 2**20 - need) / 2**30, abs=0.01)
+
+
+def test_max_batch_size_is_the_largest_that_fits():
+    spec = spec_from_config(tiny_config("llama"), "x")
+    setup = TrainSetup(batch_size=1, seq_len=512)
+    gpu = est.GPU("test", 2048, "test")
+    largest = est.max_batch_size(spec, LoRAConfig(rank=8), setup, gpu)
+    fits = est.estimate_spec(spec, LoRAConfig(rank=8), TrainSetup(batch_size=largest, seq_len=512))
+    too_big = est.estimate_spec(spec, LoRAConfig(rank=8), TrainSetup(batch_size=largest + 1, seq_len=512))
+    assert fits.total_bytes <= gpu.memory_bytes < too_big.total_bytes
+    assert est.max_batch_size(est.load_spec("llama2-70b"), FullConfig(), setup, gpu) is None
