@@ -92,8 +92,10 @@ def quantized_state_tensors(module: torch.nn.Module) -> Iterable[torch.Tensor]:
 class MemoryTracker(TorchDispatchMode):
     """Tracks live tensor storages through one step; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, records: bool = True) -> None:
+        """records=False only counts live and peak bytes (cheap enough for every step)."""
         super().__init__()
+        self._keep_records = records
         self._storages: dict[int, _Storage] = {}
         self._refs: dict[int, weakref.ref] = {}
         self._records: list[_Storage] = []
@@ -122,10 +124,12 @@ class MemoryTracker(TorchDispatchMode):
                 record.category = category
             return record
         self._clock += 1  # every birth and death is its own moment, so the peak's live set is exact
+        described = f"{what}{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}" if self._keep_records else ""
         record = _Storage(_storage_bytes(st, tensor.device), self._clock, self._phase, category=category,
-                          what=f"{what}{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}")
+                          what=described)
         self._storages[key] = record
-        self._records.append(record)
+        if self._keep_records:
+            self._records.append(record)
         self._refs[key] = weakref.ref(st, lambda _ref, key=key: self._on_free(key))
         self._current += record.nbytes
         self._note_peak()
@@ -272,8 +276,10 @@ class MemoryTracker(TorchDispatchMode):
         return self._current
 
     def result(self) -> Measured:
-        breakdown = self.breakdown_at(self._peak_clock)
         phase = max(self._phase_peaks, key=self._phase_peaks.get) if self._phase_peaks else "forward"
+        if not self._keep_records:
+            return Measured(self._peak, phase, {}, phase_peaks=dict(self._phase_peaks))
+        breakdown = self.breakdown_at(self._peak_clock)
         return Measured(sum(breakdown.values()), phase, breakdown, phase_peaks=dict(self._phase_peaks))
 
 

@@ -464,3 +464,23 @@ def build_qgalore_optimizer(model: nn.Module, cfg: QGaLoreConfig, lr: float, wei
                         lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         optim_bits=8 if cfg.optimizer == "adamw8bit" else 32, grad_clip=grad_clip,
                         layerwise=cfg.layerwise)
+
+
+@torch.no_grad()
+def dequantize_model_weights(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every Int8Linear by an nn.Linear holding its dequantized weight, in place.
+
+    What a finished Q-GaLore run saves: a plain model any transformers code can load (and a
+    base to fine-tune). `dtype` defaults to the dtype of the model's other parameters.
+    """
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    dtype = dtype or (floats[0].dtype if floats else torch.float32)
+    for name, layer in int8_linears(model):
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           device=layer.weight_codes.device, dtype=dtype)
+        linear.weight.copy_(layer.dequantize_weight(dtype))
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    return model

@@ -28,11 +28,13 @@ def autocast(setup: TrainSetup, device_type: str):
 
 
 def training_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dict], setup: TrainSetup,
-                  grad_clip: float | None = None, tracker: MemoryTracker | None = None) -> float:
+                  grad_clip: float | None = None, tracker: MemoryTracker | None = None,
+                  stats: dict | None = None) -> float:
     """Forward and backward over every micro-batch, then one update; returns the mean loss.
 
     `optimizer` is anything with `step()` and `zero_grad(set_to_none=True)`: a torch
     optimizer, or a GaLore optimizer (which clips per parameter itself: pass grad_clip=None).
+    `stats`, when given, receives "grad_norm": the pre-clip gradient norm (None if unknown).
     """
     device_type = next(model.parameters()).device.type
     count = len(micro_batches)
@@ -51,15 +53,18 @@ def training_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dic
             tracker.watch(optimizer.gradient_tensors(), "gradients")  # layer-wise sums across micro-batches
     if tracker is not None:
         tracker.phase("optimizer")
+    norm = None
     if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     optimizer.step()
+    if stats is not None:
+        stats["grad_norm"] = float(norm) if norm is not None else getattr(optimizer, "grad_norm", None)
     optimizer.zero_grad(set_to_none=True)
     return float(total)
 
 
 def measure_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dict], setup: TrainSetup,
-                 grad_clip: float | None = None) -> tuple[float, Measured]:
+                 grad_clip: float | None = None, stats: dict | None = None) -> tuple[float, Measured]:
     """`training_step` under a MemoryTracker: the loss and the measured peak by category.
 
     Call it after at least one step, so the optimizer states exist (the steady state the
@@ -69,5 +74,5 @@ def measure_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dict
     tracker.watch_model(model)
     tracker.watch_optimizer(optimizer)
     with tracker:
-        loss = training_step(model, optimizer, micro_batches, setup, grad_clip, tracker)
+        loss = training_step(model, optimizer, micro_batches, setup, grad_clip, tracker, stats)
     return loss, tracker.result()

@@ -1,0 +1,126 @@
+"""Predicted vs measured memory of one steady-state training step, on this machine's CPU.
+
+Every method (with its 8-bit and layer-wise variants) × three model sizes × three batch/sequence
+settings: the estimator's peak beside the peak that lowrank.memory.MemoryTracker measures on a
+real step (the same code path `python -m lowrank.train` uses). Prints a markdown table.
+
+    python bench/estimator_accuracy.py                 # ~5 minutes on two cores
+    python bench/estimator_accuracy.py --quick         # one model, one setting
+    python bench/estimator_accuracy.py --dry-run-7b    # and a 7B of every method on fake tensors
+
+Targets: the peak within 5%, and every category holding ≥10% of the peak within 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from estimator.config import (  # noqa: E402
+    FullConfig,
+    GaLoreConfig,
+    LoRAConfig,
+    QGaLoreConfig,
+    QLoRAConfig,
+    TrainSetup,
+)
+from estimator.estimate import estimate_spec  # noqa: E402
+from estimator.spec import load_config, load_spec  # noqa: E402
+from lowrank.methods import prepare  # noqa: E402
+from lowrank.report import compare_memory  # noqa: E402
+from lowrank.step import measure_step, training_step  # noqa: E402
+
+MiB = 2**20
+METHODS = [
+    ("full AdamW", FullConfig()),
+    ("full AdamW8bit", FullConfig(optimizer="adamw8bit")),
+    ("LoRA r16", LoRAConfig(rank=16)),
+    ("QLoRA r16", QLoRAConfig(rank=16)),
+    ("GaLore r64", GaLoreConfig(rank=64)),
+    ("GaLore r64 8-bit layer-wise", GaLoreConfig(rank=64, optimizer="adamw8bit", layerwise=True)),
+    ("Q-GaLore r64", QGaLoreConfig(rank=64)),
+]
+MODELS = ["tiny-llama-5m", "tiny-llama-20m", "llama-60m"]
+SETUPS = [("4×128", TrainSetup(batch_size=4, seq_len=128)),
+          ("2×512 ckpt", TrainSetup(batch_size=2, seq_len=512, grad_checkpointing=True)),
+          ("1×64 accum 2", TrainSetup(batch_size=1, seq_len=64, grad_accum=2))]
+
+
+def measure(model_name: str, method, setup: TrainSetup) -> tuple[dict, dict]:
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(model_name)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=setup.attn_implementation)
+    prepared = prepare(model, method, setup, lr=1e-4)
+    ids = torch.randint(0, config.vocab_size, (setup.batch_size, setup.seq_len))
+    batches = [{"input_ids": ids, "labels": ids}] * setup.grad_accum
+    training_step(prepared.model, prepared.optimizer, batches, setup)
+    _, measured = measure_step(prepared.model, prepared.optimizer, batches, setup)
+    predicted = estimate_spec(load_spec(model_name), method, setup, device="cpu")
+    return predicted.to_dict(), measured.to_dict()
+
+
+def row(model: str, label: str, setting: str, predicted: dict, measured: dict) -> str:
+    check = compare_memory(predicted, measured)
+    worst = max(check.category_errors.items(), key=lambda kv: abs(kv[1]), default=("-", 0.0))
+    ok = "✓" if check.ok else "✗ " + ", ".join(check.failures)
+    return (f"| {model} | {label} | {setting} | {predicted['peak_bytes'] / MiB:,.1f} | "
+            f"{measured['peak_bytes'] / MiB:,.1f} | {100 * check.peak_error:+.2f}% | "
+            f"{predicted['phase']} / {measured['phase']} | {worst[0]} {100 * worst[1]:+.1f}% | {ok} |")
+
+
+def dry_run_rows() -> list[str]:
+    from lowrank.dryrun import dry_run
+
+    setup = TrainSetup(batch_size=1, seq_len=256)
+    methods = [("full AdamW", FullConfig()), ("LoRA r64", LoRAConfig(rank=64)), ("QLoRA r64", QLoRAConfig(rank=64)),
+               ("GaLore r1024 8-bit layer-wise", GaLoreConfig(rank=1024, optimizer="adamw8bit", layerwise=True)),
+               ("Q-GaLore r1024", QGaLoreConfig(rank=1024))]
+    rows = []
+    for label, method in methods:
+        start = time.perf_counter()
+        measured = dry_run("llama-7b", method, setup, device="cuda").to_dict()
+        seconds = time.perf_counter() - start
+        predicted = estimate_spec(load_spec("llama-7b"), method, setup, device="cuda").to_dict()
+        rows.append(row("llama-7b (fake tensors)", label, f"1×256 · {seconds:.0f} s", predicted, measured))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--dry-run-7b", action="store_true")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    models = MODELS[:1] if args.quick else MODELS
+    setups = SETUPS[:1] if args.quick else SETUPS
+    print("| model | method | batch×seq | predicted MiB | measured MiB | peak error | phase (pred / meas) "
+          "| largest category error | targets |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    failures = total = 0
+    for model in models:
+        for label, method in METHODS:
+            for setting, setup in setups:
+                predicted, measured = measure(model, method, setup)
+                total += 1
+                failures += not compare_memory(predicted, measured).ok
+                print(row(model, label, setting, predicted, measured), flush=True)
+    if args.dry_run_7b:
+        for line in dry_run_rows():
+            total += 1
+            failures += "✗" in line
+            print(line, flush=True)
+    print(f"\n{total - failures} of {total} rows within the targets")
+
+
+if __name__ == "__main__":
+    main()
