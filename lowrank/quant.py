@@ -70,17 +70,22 @@ def quantized_nbytes(numel: int, bits: int, group_size: int) -> int:
     return code_bytes + 2 * 2 * num_groups(numel, group_size)
 
 
-def _blocks(numel: int, group_size: int) -> Iterator[tuple[int, int, int, int, int]]:
+def _blocks(numel: int, group_size: int, fake: bool = False) -> Iterator[tuple[int, int, int, int, int]]:
     """(first element, end element, first group, end group, group width) of each work block.
 
     Full groups come in blocks of about BLOCK_ELEMENTS; a shorter last group is its own block,
     so every block is a (groups, width) view of the flat tensor without padding.
+    fake=True (a dry run, lowrank/dryrun.py): only the first block of full groups and the short
+    last group. Each later block allocates and frees temporaries no larger than the first one's,
+    so the memory traced is the same, without thousands of blocks per pass over a 7B model.
     """
     full = numel // group_size
     per_block = max(1, BLOCK_ELEMENTS // group_size)
     for g0 in range(0, full, per_block):
         g1 = min(full, g0 + per_block)
         yield g0 * group_size, g1 * group_size, g0, g1, group_size
+        if fake:
+            break
     if numel % group_size:
         yield full * group_size, numel, full, full + 1, numel - full * group_size
 
@@ -129,7 +134,7 @@ def quantize(x: Tensor, bits: int = 8, group_size: int = 256) -> tuple[Tensor, T
     codes = torch.empty(flat.shape, dtype=torch.uint8, device=x.device)
     scales = torch.empty(n, dtype=CONSTANT_DTYPE, device=x.device)
     offsets = torch.empty(n, dtype=CONSTANT_DTYPE, device=x.device)
-    for a, b, g0, g1, width in _blocks(flat.numel(), group_size):
+    for a, b, g0, g1, width in _blocks(flat.numel(), group_size, not _concrete(x)):
         v = flat[a:b].view(g1 - g0, width).to(torch.float32, copy=True)  # (groups, width) work block
         lo, hi = v.amin(1), v.amax(1)
         if _concrete(v) and not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
@@ -153,7 +158,7 @@ def dequantize(codes: Tensor, scales: Tensor, offsets: Tensor, group_size: int,
     _check_group_size(group_size)
     flat = codes.reshape(-1)
     out = torch.empty(flat.shape, dtype=dtype, device=codes.device)
-    for a, b, g0, g1, width in _blocks(flat.numel(), group_size):
+    for a, b, g0, g1, width in _blocks(flat.numel(), group_size, not _concrete(codes)):
         v = flat[a:b].view(g1 - g0, width).float()
         v.mul_(scales[g0:g1].float()[:, None]).add_(offsets[g0:g1].float()[:, None])
         out[a:b] = v.view(-1)
@@ -181,7 +186,7 @@ def stochastic_update_(codes: Tensor, scales: Tensor, offsets: Tensor, update: T
                          f"{tuple(codes.shape)}; pass a full-size update")
     qmax = 2**bits - 1
     flat_codes, flat_update = codes.view(-1), update.reshape(-1)
-    for a, b, g0, g1, width in _blocks(flat_codes.numel(), group_size):
+    for a, b, g0, g1, width in _blocks(flat_codes.numel(), group_size, not _concrete(codes)):
         q = flat_codes[a:b].view(g1 - g0, width)
         s, o = scales[g0:g1].float(), offsets[g0:g1].float()
         v = flat_update[a:b].view(g1 - g0, width).to(torch.float32, copy=True)

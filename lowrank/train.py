@@ -562,12 +562,13 @@ def dry_run_cli(cfg: RunConfig, method: MethodConfig, setup: TrainSetup) -> int:
     """--dry-run: the real step on fake tensors, beside the estimate (written to --out if given)."""
     from estimator.estimate import estimate
 
-    from .dryrun import dry_run
+    from .dryrun import dry_run, resolve_device
     from .report import compare_memory, memory_table
 
-    device = "cuda" if cfg.device in ("auto", "cuda") else "cpu"
+    device = resolve_device("cuda" if cfg.device in ("auto", "cuda") else "cpu").type  # fake CUDA needs CUDA
     predicted = estimate(cfg.model, method, setup, device=device, trust_remote_code=cfg.trust_remote_code)
     measured = dry_run(cfg.model, method, setup, device=device)
+    print(f"{method.method} on {cfg.model}, one step on fake {device} tensors beside the estimate:")
     print(memory_table(predicted.to_dict(), measured.to_dict()))
     if cfg.out:
         out = Path(cfg.out)

@@ -1,0 +1,227 @@
+"""Dry run: one training step of the real code on fake tensors — a 70B model "measured" on a laptop.
+
+The model is built on the meta device (shapes, no weights), cast to the setup's dtype there, and
+its parameters and buffers become `FakeTensor`s: tensors with a shape, a dtype and a device but no
+memory, whose operators only compute output shapes. Then everything is the code of a real run:
+`prepare` applies the method (QLoRA quantizes through bitsandbytes, Q-GaLore into INT8 groups),
+a warm-up step creates the optimizer states (GaLore's first SVD), and `measure_step` traces a
+steady-state step with the `MemoryTracker`, which counts fake storages exactly as real ones. On
+CPU the result equals a real step's byte for byte (tests/lowrank/test_dryrun.py); llama-7b takes
+seconds to half a minute per method, and the process stays under half a GiB.
+
+    measured = dry_run("llama-7b", LoRAConfig(rank=64), TrainSetup(batch_size=1, seq_len=256))
+    measured.peak_bytes, measured.phase, measured.breakdown
+
+Device. Fake CUDA tensors (CUDA's 512-byte blocks, CUDA kernels' saved tensors) need a PyTorch
+built with CUDA: on a CPU-only build, forward works but autograd aborts the process (it looks up
+CUDA's device guard), so `device="cuda"` falls back to fake CPU tensors there, with a warning;
+`resolve_device` says which one a run gets.
+
+What cannot run on fake tensors, and what the dry run does instead:
+  * reading a value (`.item()`, `float(t)`): a float read gives NaN — the loss, a grad norm,
+    Q-GaLore's subspace similarity (so its gap never doubles in a dry run); reads of integers
+    or booleans (control flow on values) still raise.
+  * transformers checks the position ids for packed sequences (a value read); on fake tensors it
+    assumes packing and builds an explicit attention mask that a real run skips. The batches here
+    are plain sequences, so the dry run answers "not packed", as a real run finds.
+  * bitsandbytes computes its 8-bit code table with `.tolist()` and caches it per process; the
+    dry run computes it for real first (1 KiB on CPU), as the first real quantization would.
+  * Params4bit cannot wrap a fake tensor: lowrank/qlora.py keeps fake 4-bit codes in a plain
+    frozen Parameter that carries the same quant_state (the forward reads nothing else).
+  * `Module.to` must swap fake parameters, which fake tensors refuse: the model is cast on meta,
+    before it becomes fake, and `prepare` skips a cast that changes nothing.
+  * not a workaround but a shortcut: Q-GaLore's INT8 code (lowrank/quant.py) works in blocks of
+    1M elements that all allocate alike; on fake tensors it traces the first block only (and a
+    short last group), the same memory trace without ~6,000 blocks per pass over a 7B model.
+
+`python -m lowrank.dryrun MODEL --method METHOD [options]` prints the measured breakdown beside the
+estimator's prediction for the same device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from unittest import mock
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+from estimator.config import MethodConfig, TrainSetup
+from estimator.spec import load_config
+
+from .memory import CATEGORIES, Measured
+from .methods import TORCH_DTYPES, prepare
+from .step import measure_step, training_step
+
+LR = 1e-3  # any learning rate: no update is computed
+_LOCK = threading.Lock()
+
+CUDA_FALLBACK = ("fake CUDA tensors need a PyTorch built with CUDA (autograd aborts on them otherwise); "
+                 "this dry run uses fake CPU tensors: no 512-byte blocks, CPU attention kernels")
+
+
+class DryRunMode(FakeTensorMode):
+    """FakeTensorMode in which reading a float value gives NaN instead of raising.
+
+    Logging reads values (the loss, grad norms); a dry run has none. Reading an integer or a
+    boolean usually decides control flow, so that still raises DataDependentOutputException.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_floating_point():
+            return math.nan
+        return super().__torch_dispatch__(func, types, args, kwargs or {})
+
+
+def resolve_device(device: str) -> torch.device:
+    """The device the fake tensors pretend to be on: `device`, or cpu for cuda without a CUDA build."""
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device={device!r} must be cuda or cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def fake_model(config, setup: TrainSetup, mode: FakeTensorMode, device: torch.device) -> nn.Module:
+    """The causal LM of `config` in `setup.dtype`, every parameter and buffer a fake tensor on `device`.
+
+    Built and cast on meta (no memory, no init work), then each tensor is faked once, so tied
+    weights stay tied.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=setup.attn_implementation)
+    model.to(TORCH_DTYPES[setup.dtype])  # what prepare's cast would do, done while it still works
+    faked: dict[int, torch.Tensor] = {}
+
+    def fake(t: torch.Tensor, parameter: bool) -> torch.Tensor:
+        if id(t) not in faked:
+            f = mode.fake_tensor_converter.from_meta_and_device(mode, t.detach(), device)
+            faked[id(t)] = nn.Parameter(f, requires_grad=t.requires_grad) if parameter else f
+        return faked[id(t)]
+
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = fake(p, True)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = fake(b, False)
+    return model
+
+
+def micro_batches(vocab_size: int, setup: TrainSetup, device: torch.device) -> list[dict]:
+    """`setup.grad_accum` batches of (batch_size, seq_len) token ids, labels = inputs (as training)."""
+    out = []
+    for _ in range(setup.grad_accum):
+        ids = torch.randint(0, vocab_size, (setup.batch_size, setup.seq_len), device=device)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+@contextlib.contextmanager
+def _real_run_answers() -> Iterator[None]:
+    """Answer the value reads a real run makes outside the traced tensors (module docstring).
+
+    The transformers patch answers for fake position ids only, so a real model running in
+    another thread meanwhile still checks its own; the lock keeps dry runs from nesting it.
+    """
+    from bitsandbytes import functional as bnb_functional
+    from transformers import masking_utils
+
+    with _LOCK:
+        if "dynamic" not in bnb_functional.name2qmap:
+            bnb_functional.name2qmap["dynamic"] = bnb_functional.create_dynamic_map()
+        find_packed = masking_utils.find_packed_sequence_indices
+
+        def unpacked_if_fake(position_ids: torch.Tensor) -> torch.Tensor | None:
+            return None if is_fake(position_ids) else find_packed(position_ids)
+
+        with mock.patch.object(masking_utils, "find_packed_sequence_indices", unpacked_if_fake):
+            yield
+
+
+def dry_run(model: str, method: MethodConfig, setup: TrainSetup, device: str = "cuda",
+            grad_clip: float | None = None) -> Measured:
+    """Measure one steady-state training step of `model` with `method`, on fake tensors.
+
+    model: a preset, config.json path, model folder or hub id (`estimator.spec.load_config`).
+    Returns what `measure_step` returns for a real run: peak, phase and breakdown by category.
+    """
+    fake_device = resolve_device(device)
+    if fake_device.type != device:
+        warnings.warn(CUDA_FALLBACK, stacklevel=2)
+    config = load_config(model)
+    # real constants (code tables) become fake on use; an operator without a fake kernel raises
+    # rather than running for real on zero-filled tensors
+    mode = DryRunMode(allow_non_fake_inputs=True, allow_fallback_kernels=False)
+    net = fake_model(config, setup, mode, fake_device)
+    with _real_run_answers(), mode:
+        prepared = prepare(net, method, setup, lr=LR, grad_clip=grad_clip)
+        clip = grad_clip if prepared.clip_in_loop else None
+        batches = micro_batches(config.vocab_size, setup, fake_device)
+        training_step(prepared.model, prepared.optimizer, batches, setup, clip)  # optimizer states now exist
+        _, measured = measure_step(prepared.model, prepared.optimizer, batches, setup, clip)
+    return measured
+
+
+# ----------------------------------------------------------------------------- command line
+def gib(n: int) -> str:
+    return f"{n / 2**30:,.3f} GiB"
+
+
+def mib_diff(n: int) -> str:
+    return f"{n / 2**20:+,.1f} MiB"
+
+
+def render(measured: Measured, est, device: torch.device, seconds: float) -> str:
+    """Measured vs estimated bytes per category, and the error of the estimated peak."""
+    from estimator.cli import describe
+
+    lines = [describe(est), f"fake device: {device.type} · dry run {seconds:.1f} s", "",
+             f"{'category':<12} {'measured':>14} {'estimated':>14} {'est - meas':>14}"]
+    rows = [(cat, measured.breakdown[cat], est.breakdown[cat]) for cat in CATEGORIES]
+    for cat, m, e in [*rows, ("peak", measured.peak_bytes, est.peak_bytes)]:
+        lines.append(f"{cat:<12} {gib(m):>14} {gib(e):>14} {mib_diff(e - m):>14}")
+    lines.append(f"{'phase':<12} {measured.phase:>14} {est.phase:>14}")
+    lines.append(f"estimate error at the peak: {100 * (est.peak_bytes / measured.peak_bytes - 1):+.2f}% "
+                 "of the measured peak")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from estimator.estimate import estimate
+    from estimator.options import OneLineParser, add_training_arguments, configs_from_args
+
+    parser = OneLineParser(prog="python -m lowrank.dryrun",
+                           description="Measure one training step on fake tensors and compare it to the estimate.")
+    parser.add_argument("model", help="preset name, config.json path, model folder, or hub id")
+    add_training_arguments(parser)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="device the fake tensors pretend to be on")
+    args = parser.parse_args(argv)
+    try:
+        method, setup = configs_from_args(args)
+        device = resolve_device(args.device)
+        est = estimate(args.model, method, setup, device=device.type)  # also checks the model and options
+        if device.type != args.device:
+            print(f"note: {CUDA_FALLBACK}", file=sys.stderr)
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            measured = dry_run(args.model, method, setup, device=device.type)
+    except ValueError as err:
+        parser.error(" ".join(str(err).split()))
+    print(render(measured, est, device, time.perf_counter() - start))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
