@@ -61,6 +61,8 @@ class Result:
     peak_bytes: int = 0
     tokens_per_s: float = 0.0
     trainable: int = 0
+    svd_count: int = 0  # GaLore / Q-GaLore: subspace refreshes over the run, all layers
+    seconds: float = 0.0
 
     @property
     def perplexity(self) -> float:
@@ -116,7 +118,10 @@ def run(name: str, model: nn.Module, method: MethodConfig, setup: TrainSetup, da
             loss = training_step(prepared.model, prepared.optimizer, batches, setup, clip)
         result.losses.append(loss)
     seconds = time.perf_counter() - start
+    result.seconds = seconds
     result.tokens_per_s = steps * setup.tokens * setup.grad_accum / seconds
+    if hasattr(prepared.optimizer, "layer_info"):
+        result.svd_count = sum(row["svd_count"] for row in prepared.optimizer.layer_info())
     result.eval_loss = evaluate(prepared.model, data, setup, eval_batches)
     print(f"  {name:<22} eval loss {result.eval_loss:.3f}  peak {result.peak_bytes / MiB:7.1f} MiB  "
           f"{result.tokens_per_s:,.0f} tok/s  ({seconds:.0f} s)", file=sys.stderr, flush=True)
