@@ -40,6 +40,7 @@ class Flow:
     device: str = "cuda"
     checkpointing: bool = False
     autocast: bool = False
+    cast_linear_params: int | None = None  # block linear weights autocast copies (None: all of them)
 
     def saves_input(self, short: str) -> bool:
         """Does this linear keep its input (rather than a LoRA dropout copy) for backward?"""
@@ -370,10 +371,12 @@ def checkpointed_layer_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) 
 
 def autocast_weight_copies(spec: ModelSpec, flow: Flow) -> int:
     """Under autocast every linear (lm_head included) casts its fp32 weight to bf16 once per
-    forward and keeps the copy for backward (PyTorch AMP's weight cache); 2 bytes a weight."""
+    forward and keeps the copy for backward (PyTorch AMP's weight cache); 2 bytes a weight.
+    Q-GaLore's INT8 layers dequantize on the fly and keep no copy."""
     if not flow.autocast:
         return 0
-    blocks = 0 if flow.checkpointing else spec.linear_params
+    cast = spec.linear_params if flow.cast_linear_params is None else flow.cast_linear_params
+    blocks = 0 if flow.checkpointing else cast
     return 2 * (blocks + spec.vocab_size * spec.hidden_size)
 
 
@@ -440,7 +443,8 @@ def forward_transient(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
     dtype, and under autocast with checkpointing the autocast cache's bf16 weight copies (the
     checkpointed blocks do not save them, the cache holds them until autocast exits)."""
     mask = batch * seq * seq * flow.d if flow.attn == "eager" else 0
-    cache = 2 * spec.linear_params if flow.autocast and flow.checkpointing else 0
+    cast = spec.linear_params if flow.cast_linear_params is None else flow.cast_linear_params
+    cache = 2 * cast if flow.autocast and flow.checkpointing else 0
     return mask + cache
 
 

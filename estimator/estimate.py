@@ -91,6 +91,9 @@ def make_flow(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, device: 
     full_rank = not isinstance(method, LoRAConfig)
     lora = isinstance(method, LoRAConfig)
     targets = frozenset(lin.short for lin in mem.target_linears(spec, method.targets)) if lora else frozenset()
+    cast = None
+    if isinstance(method, QGaLoreConfig):  # INT8 layers dequantize per matmul: nothing to cast and keep
+        cast = sum(lin.numel * lin.count for lin in spec.linears if not mem.is_target(lin, method.targets))
     return act.Flow(
         d=2 if setup.autocast else DTYPE_BYTES[setup.dtype],  # autocast: matmuls run in bf16
         base_trainable=full_rank,
@@ -105,6 +108,7 @@ def make_flow(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, device: 
         device=device,
         checkpointing=setup.grad_checkpointing,
         autocast=setup.autocast,
+        cast_linear_params=cast,
     )
 
 
@@ -131,6 +135,11 @@ def check_against_model(spec: ModelSpec, method: MethodConfig, setup: TrainSetup
         raise ValueError("; ".join(problems))
     if spec.max_position and setup.seq_len > spec.max_position:
         notes.append(f"seq_len {setup.seq_len} is above the model's maximum position ({spec.max_position})")
+    if isinstance(method, QLoRAConfig) and setup.autocast:
+        notes.append("QLoRA under autocast: activations are approximate (its compute dtype already casts; "
+                     "measured about 5% above this estimate)")
+    if setup.autocast and spec.family not in ("llama", "gemma"):
+        notes.append(f"autocast is modeled for the Llama family; {spec.model_type} is approximate")
     if not spec.exact_family:
         notes.append(f"{spec.model_type} has no activation model of its own; estimated as a Llama-like model")
     return notes

@@ -187,12 +187,20 @@ class GaLoreProjector:
         return {"left": (self.rank, n), "right": (m, self.rank), "full": (self.rank, self.rank)}[self.side]
 
     def project(self, grad: Tensor) -> Tensor:
-        """G (m×n) -> R, the low-rank gradient (shape `low_rank_shape()`, dtype of G)."""
+        """G (m×n) -> R, the low-rank gradient (shape `low_rank_shape()`, dtype of G).
+
+        P is cast to G's dtype when they differ (an INT8 layer under autocast hands a bf16
+        gradient to an fp32 projector): a copy of P, never of G.
+        """
+        def matrix(side: str) -> Tensor:
+            p = self.stores[side].get()
+            return p if p.dtype == grad.dtype else p.to(grad.dtype)
+
         if self.side == "left":
-            return self.stores["left"].get().T @ grad
+            return matrix("left").T @ grad
         if self.side == "right":
-            return grad @ self.stores["right"].get().T
-        return self.stores["left"].get().T @ grad @ self.stores["right"].get().T
+            return grad @ matrix("right").T
+        return matrix("left").T @ grad @ matrix("right").T
 
     def project_back(self, low: Tensor) -> Tensor:
         """R -> P R (or R P, Pₗ R Pᵣ): a full m×n tensor, not multiplied by scale."""
