@@ -8,7 +8,8 @@ predicted beside measured:
                          peak memory of the step, eval loss when evaluated, GaLore layer gaps
     DIR/summary.json     {"predicted": estimator object, "measured": same shape, "comparison",
                           "final": losses and speed, "status": completed | stopped | failed}
-    DIR/checkpoints/     checkpoint.pt every --save-every steps and at the end (for --resume)
+    DIR/checkpoints/     checkpoint.pt (for --resume) every --save-every steps and at the end, and
+                         step-N/: a PEFT adapter (LoRA/QLoRA) or the weights at step N
     DIR/final/           the trained model (PEFT adapter for LoRA/QLoRA), loadable later
     DIR/base/            for LoRA/QLoRA from a preset: the random base the adapter belongs to
     DIR/tokenizer/       the tokenizer the run used
@@ -237,7 +238,19 @@ def trainable_state(model) -> dict:
             or "weight_offsets" in k}
 
 
+def save_weights(directory: Path, model, method: MethodConfig, base_name: str) -> None:
+    """A usable snapshot: a PEFT adapter for LoRA/QLoRA, the model's weights otherwise (Q-GaLore's
+    as INT8 codes with their group constants)."""
+    if isinstance(method, LoRAConfig):
+        from .lora import save_adapter
+
+        save_adapter(model, method, directory, base_model_name_or_path=base_name)
+    else:
+        model.save_pretrained(directory)
+
+
 def save_checkpoint(out: Path, step: int, model, optimizer, data, peak_lr: float) -> None:
+    """What --resume needs (model, optimizer, data position, RNG), in one file rewritten each time."""
     directory = out / "checkpoints"
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / (CHECKPOINT + ".tmp")
@@ -411,6 +424,7 @@ def train(cfg: RunConfig, method: MethodConfig, setup: TrainSetup, resume: bool 
                     break
                 if cfg.save_every and (step + 1) % cfg.save_every == 0:
                     save_checkpoint(out, step + 1, model, optimizer, data, peak_lr)
+                    save_weights(out / "checkpoints" / f"step-{step + 1}", model, method, base_name)
         steps_done = step + 1 if status != "stopped" else step
         if status != "failed":
             save_checkpoint(out, steps_done, model, optimizer, data, peak_lr)

@@ -57,8 +57,10 @@ def test_lora_from_a_preset_saves_its_base_and_peft_loads_it(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    train(run_cfg(tmp_path, "lora", steps=3, eval_every=0), LoRAConfig(rank=4), SETUP, progress=False)
+    train(run_cfg(tmp_path, "lora", steps=4, eval_every=0, save_every=2), LoRAConfig(rank=4), SETUP, progress=False)
     out = tmp_path / "lora"
+    assert (out / "checkpoints" / "step-2" / "adapter_model.safetensors").exists()
+    assert (out / "checkpoints" / "step-4" / "adapter_config.json").exists()
     base = AutoModelForCausalLM.from_pretrained(out / "base")
     model = PeftModel.from_pretrained(base, out / "final")
     ids = torch.randint(0, 4096, (1, 16))
