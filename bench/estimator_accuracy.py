@@ -53,19 +53,28 @@ SETUPS = [("4×128", TrainSetup(batch_size=4, seq_len=128)),
           ("1×64 accum 2", TrainSetup(batch_size=1, seq_len=64, grad_accum=2))]
 
 
-def measure(model_name: str, method, setup: TrainSetup) -> tuple[dict, dict]:
+def measure(model_name: str, method, setup: TrainSetup, device: str = "cpu") -> tuple[dict, dict]:
+    """One warm-up step, then the measured step. On CUDA the allocator's peak is the measurement
+    (`peak_bytes`) and the tracker's peak of tensors alone is kept beside it."""
     from transformers import AutoModelForCausalLM
 
     config = load_config(model_name)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=setup.attn_implementation)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=setup.attn_implementation).to(device)
     prepared = prepare(model, method, setup, lr=1e-4)
-    ids = torch.randint(0, config.vocab_size, (setup.batch_size, setup.seq_len))
+    ids = torch.randint(0, config.vocab_size, (setup.batch_size, setup.seq_len), device=device)
     batches = [{"input_ids": ids, "labels": ids}] * setup.grad_accum
     training_step(prepared.model, prepared.optimizer, batches, setup)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     _, measured = measure_step(prepared.model, prepared.optimizer, batches, setup)
-    predicted = estimate_spec(load_spec(model_name), method, setup, device="cpu")
-    return predicted.to_dict(), measured.to_dict()
+    measured = measured.to_dict()
+    if device == "cuda":
+        measured["tracker_peak_bytes"] = measured["peak_bytes"]
+        measured["peak_bytes"] = torch.cuda.max_memory_allocated()
+    predicted = estimate_spec(load_spec(model_name), method, setup, device=device)
+    return predicted.to_dict(), measured
 
 
 def row(model: str, label: str, setting: str, predicted: dict, measured: dict) -> str:
@@ -98,10 +107,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--dry-run-7b", action="store_true")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: measure with the allocator's statistics (bench/gpu_check.sh)")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated presets")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
-    models = MODELS[:1] if args.quick else MODELS
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    models = args.models.split(",")[:1] if args.quick else args.models.split(",")
     setups = SETUPS[:1] if args.quick else SETUPS
     print("| model | method | batch×seq | predicted MiB | measured MiB | peak error | phase (pred / meas) "
           "| largest category error | targets |")
@@ -110,7 +123,7 @@ def main() -> None:
     for model in models:
         for label, method in METHODS:
             for setting, setup in setups:
-                predicted, measured = measure(model, method, setup)
+                predicted, measured = measure(model, method, setup, args.device)
                 total += 1
                 failures += not compare_memory(predicted, measured).ok
                 print(row(model, label, setting, predicted, measured), flush=True)

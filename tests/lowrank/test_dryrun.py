@@ -134,6 +134,7 @@ def test_cuda_falls_back_to_cpu_without_a_cuda_build(tiny):
     assert same(measured, dry_run(tiny, LoRAConfig(rank=4), SETUP, device="cpu"))
 
 
+@pytest.mark.gpu
 def test_fake_cuda_counts_512_byte_blocks(tiny, gpu):
     for method in (LoRAConfig(rank=4), QLoRAConfig(rank=4), QGaLoreConfig(rank=8)):
         measured = dry_run(tiny, method, SETUP, device="cuda")
