@@ -1,0 +1,73 @@
+"""The browser app: plan memory, train live, and see predicted beside measured.
+
+    python app.py                      # http://127.0.0.1:7860
+    python app.py --port 8080 --runs /data/runs --share
+
+Wiring only: the tabs live in ui/ (plain handlers first, then one create_*_tab each), the work in
+estimator/ and lowrank/. Training runs in worker processes, one at a time per device; estimates
+never wait for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+from pathlib import Path
+
+import gradio as gr
+
+from ui.dryrun import create_dryrun_tab
+from ui.plan import create_plan_tab
+from ui.runner import Runner, cuda_available
+from ui.train import create_train_tab
+
+RUNS = Path(__file__).resolve().parent / "runs"
+MAX_UPLOAD = "64mb"  # data files; a config.json is held to 1 MB by the Plan tab
+
+
+def device_line() -> str:
+    if cuda_available():
+        import torch
+
+        props = torch.cuda.get_device_properties(0)
+        return f"Training device: **{props.name}** ({props.total_memory / 2**30:.0f} GiB)."
+    return "Training device: **CPU** (no CUDA GPU found): the tiny presets train in seconds to minutes."
+
+
+def build_ui(runs_root: str | Path = RUNS) -> gr.Blocks:
+    """The whole app; `runs_root` holds one folder per training run."""
+    runner = Runner(runs_root)
+    atexit.register(runner.stop_all)  # no worker outlives the app
+    with gr.Blocks(title="lowrank-memory") as demo:
+        gr.Markdown("# lowrank-memory\nPredict, run and measure the memory of one training step with full "
+                    "training, LoRA, QLoRA, GaLore and Q-GaLore. " + device_line())
+        with gr.Tabs():
+            with gr.Tab("Plan", id="plan"):
+                create_plan_tab(demo)
+            with gr.Tab("Train", id="train"):
+                create_train_tab(demo, runner)
+            with gr.Tab("Dry run", id="dryrun"):
+                create_dryrun_tab(Path(runs_root))
+    demo.runner = runner
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kwargs):
+    """Serve `demo`: the queue keeps each event's own concurrency limit (training: one per device)."""
+    return demo.queue(default_concurrency_limit=None).launch(
+        server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD,
+        allowed_paths=[str(demo.runner.root)], **kwargs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python app.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    parser.add_argument("--runs", default=str(RUNS), help="folder of the training runs (default: runs/)")
+    args = parser.parse_args(argv)
+    launch(build_ui(args.runs), args.host, args.port, args.share)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Method option widgets: every dataclass field has one, and their values come back as the same dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+
+from estimator.config import METHODS, GaLoreConfig, LoRAConfig, QGaLoreConfig, TrainSetup
+from ui.widgets import FIELD_WIDGETS, method_configs, option_help, train_setup
+
+
+def defaults() -> dict:
+    return {f"{m}__{f.name}": f.default for m, cls in METHODS.items() for f in fields(cls)}
+
+
+def test_every_option_of_every_method_has_a_bounded_widget_and_a_help_text():
+    for method, cls in METHODS.items():
+        for f in fields(cls):
+            assert f.name in FIELD_WIDGETS, f"{method}.{f.name} has no widget"
+            assert option_help(method, f.name), f"{method}.{f.name} has no help text"
+
+
+def test_default_widget_values_give_the_default_dataclasses():
+    configs = method_configs(list(METHODS), defaults())
+    assert configs == [cls() for cls in METHODS.values()]
+
+
+def test_slider_floats_become_the_field_types():
+    values = {**defaults(), "lora__rank": 16.0, "lora__alpha": 32, "galore__update_proj_gap": 50.0}
+    lora, galore = method_configs(["lora", "galore"], values)
+    assert lora == LoRAConfig(rank=16, alpha=32.0)
+    assert isinstance(lora.rank, int) and isinstance(lora.alpha, float)
+    assert galore == GaLoreConfig(update_proj_gap=50)
+
+
+def test_each_tab_keeps_its_own_defaults():
+    q = method_configs(["qgalore"], defaults())[0]
+    assert q == QGaLoreConfig() and q.optimizer == "adamw8bit" and q.layerwise
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"lora__rank": 2.5}, ["LoRA", "rank=2.5"]),
+    ({"lora__dropout": 1.0}, ["LoRA", "dropout"]),
+    ({"lora__targets": "  "}, ["LoRA", "targets"]),
+])
+def test_a_bad_value_names_the_method_and_the_field(change, words):
+    with pytest.raises(ValueError) as err:
+        method_configs(["lora"], {**defaults(), **change})
+    assert all(w in str(err.value) for w in words)
+
+
+def test_no_method_chosen_is_an_error_that_says_what_to_do():
+    with pytest.raises(ValueError, match="tick at least one"):
+        method_configs([], defaults())
+
+
+def test_setup_from_widget_values():
+    assert train_setup(4.0, 512.0, 2.0, "fp32", True, True, "eager") == TrainSetup(
+        batch_size=4, seq_len=512, grad_accum=2, dtype="fp32", autocast=True, grad_checkpointing=True,
+        attn_implementation="eager")
+    with pytest.raises(ValueError, match="autocast"):
+        train_setup(1, 256, 1, "bf16", True, False, "sdpa")

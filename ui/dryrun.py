@@ -1,0 +1,126 @@
+"""The Dry run tab: "measure" a 7B or 70B training step on fake tensors, beside the estimate.
+
+The step runs in a worker process (`python -m lowrank.train --dry-run`, see lowrank/dryrun.py):
+fake tensors allocate nothing but the memory tracker counts them as real ones, so a laptop
+measures a 70B model's step. The estimate shows at once; the measurement follows in 10-30 s.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from estimator.config import MethodConfig, TrainSetup
+from estimator.estimate import CATEGORIES, estimate
+from estimator.spec import preset_names
+from lowrank.worker import REPO, RunSpec
+
+from .charts import comparison_figure, empty_figure, fmt_bytes
+from .widgets import (
+    METHOD_LABELS,
+    method_configs,
+    method_options_block,
+    setup_widgets,
+    show_selected,
+    split_setup,
+)
+
+TIMEOUT_S = 1800
+
+
+def fake_device(device: str) -> tuple[str, str]:
+    """(device the fake tensors use, a note when CUDA falls back to CPU)."""
+    from lowrank.dryrun import CUDA_FALLBACK, resolve_device
+
+    used = resolve_device(device).type
+    return used, (CUDA_FALLBACK if used != device else "")
+
+
+def breakdown_table(predicted: dict, measured: dict | None) -> pd.DataFrame:
+    rows = []
+    for cat in (*CATEGORIES, "peak"):
+        p = predicted["peak_bytes"] if cat == "peak" else predicted["breakdown"][cat]
+        m = None if measured is None else (measured["peak_bytes"] if cat == "peak" else measured["breakdown"][cat])
+        error = "—" if not m else f"{100 * (p - m) / m:+.2f}%"
+        rows.append({"category": cat, "measured (fake tensors)": fmt_bytes(m), "estimated": fmt_bytes(p),
+                     "estimated − measured": "—" if m is None else fmt_bytes(p - m), "error": error})
+    return pd.DataFrame(rows)
+
+
+def measure(model: str, cfg: MethodConfig, setup: TrainSetup, device: str, out: Path) -> dict:
+    """The dry run in a worker process; its summary (predicted and measured). ValueError with its message."""
+    command = RunSpec(model, cfg, setup, out=out, steps=1, device=device).command(sys.executable) + ["--dry-run"]
+    try:
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"the dry run took more than {TIMEOUT_S // 60} minutes and was stopped") from None
+    summary = out / "summary.json"
+    if proc.returncode != 0 or not summary.exists():
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        last = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise ValueError(re.sub(r"^python -m lowrank\.train: (error: )?", "", last))
+    return json.loads(summary.read_text())
+
+
+def dry_run_steps(model: str, cfg: MethodConfig, setup: TrainSetup, device: str, root: Path) -> Iterator[tuple]:
+    """(figure, table, status): first the estimate alone, then beside the measurement."""
+    model = (model or "").strip()
+    used, note = fake_device(device)
+    predicted = estimate(model, cfg, setup, device=used).to_dict()  # checks model and options at once
+    label = f"{model} · {cfg.method}"
+    yield (comparison_figure({label: (predicted, None)}), breakdown_table(predicted, None),
+           f"Estimated peak **{fmt_bytes(predicted['peak_bytes'])}** in {predicted['moment']}. Measuring one step on "
+           f"fake {used.upper()} tensors…" + (f"\n\n_{note}_" if note else ""))
+    begin = time.perf_counter()
+    out = root / ".dryrun" / f"{time.strftime('%Y%m%d-%H%M%S')}-{model.replace('/', '--')}-{cfg.method}"
+    summary = measure(model, cfg, setup, used, out)
+    measured = summary["measured"]
+    error = (predicted["peak_bytes"] - measured["peak_bytes"]) / measured["peak_bytes"]
+    status = (f"**{label}**: measured peak **{fmt_bytes(measured['peak_bytes'])}** in {measured['phase']} "
+              f"(fake {used.upper()} tensors, {time.perf_counter() - begin:.0f} s); estimate "
+              f"{fmt_bytes(predicted['peak_bytes'])} ({100 * error:+.2f}%).")
+    yield (comparison_figure({label: (summary["predicted"], measured)}),
+           breakdown_table(summary["predicted"], measured),
+           status + (f"\n\n_{note}_" if note else ""))
+
+
+def create_dryrun_tab(root: Path) -> None:
+    """Layout and events of the Dry run tab (call inside a gr.Tab)."""
+    with gr.Row():
+        with gr.Column(scale=2, min_width=320):
+            model = gr.Dropdown(preset_names(), value="llama-7b", allow_custom_value=True, label="model",
+                                info="a preset, a config.json path or a hub id")
+            method = gr.Dropdown([(METHOD_LABELS[m], m) for m in METHOD_LABELS], value="lora", label="method")
+            device = gr.Dropdown(["cuda", "cpu"], value="cuda", label="fake device")
+            setup = setup_widgets(batch_size=1, seq_len=256, prefix="dryrun")
+            accordions, options = method_options_block(selected=("lora",), prefix="dryrun")
+            run = gr.Button("Dry run", variant="primary", elem_id="dryrun-start")
+        with gr.Column(scale=5):
+            status = gr.Markdown("Press **Dry run**: one step of the real training code on fake tensors.",
+                                 elem_id="dryrun-status")
+            chart = gr.Plot(empty_figure("Estimated vs measured, by category", "press Dry run"),
+                            show_label=False, label="estimated vs measured", elem_id="dryrun-chart")
+            table = gr.DataFrame(label="by category", elem_id="dryrun-table",
+                                 headers=["category", "measured (fake tensors)", "estimated", "estimated − measured",
+                                          "error"])
+
+    def start(model_name: str, method_name: str, device_name: str, **values):
+        try:
+            setup_, option_values = split_setup(values)
+            cfg = method_configs([method_name], option_values)[0]
+            yield from dry_run_steps(model_name, cfg, setup_, device_name, root)
+        except ValueError as err:
+            raise gr.Error(str(err), title="Dry run failed") from None
+
+    method.change(lambda m: show_selected(accordions)([m]), method, list(accordions.values()), queue=False,
+                  api_visibility="private")
+    run.click(start, [model, method, device], [chart, table, status], inputs_kwargs={**setup, **options},
+              concurrency_limit=1, concurrency_id="dryrun", api_visibility="private")

@@ -1,0 +1,231 @@
+"""The Plan tab: what-if memory of one step for several methods, updated as the inputs change.
+
+Handlers are plain functions over the estimator: `plan_memory` (figures and tables for a model,
+method configs and a setup) and `estimate_memory` (the named API endpoint `estimate`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from estimator.config import MethodConfig, TrainSetup, method_config
+from estimator.estimate import estimate_spec, find_gpu, fit_table, gpu_catalog, max_batch_size
+from estimator.spec import ModelSpec, load_spec, preset_table
+
+from .charts import GiB, breakdown_figure, fmt_bytes, sweep_figure
+from .widgets import (
+    METHOD_LABELS,
+    method_configs,
+    method_options_block,
+    setup_widgets,
+    show_selected,
+    split_setup,
+)
+
+MAX_CONFIG_BYTES = 1 << 20
+SOURCES = ("preset", "hub id or local path", "uploaded config.json")
+SWEEPS = ("batch size", "sequence length", "rank")
+NO_GPU = "none"
+
+
+def resolve_model(source: str, preset: str, hub_id: str, upload: str | None) -> str:
+    """The model the chosen source names: a preset, a hub id or path, or an uploaded config.json."""
+    if source == SOURCES[2]:
+        if not upload:
+            raise ValueError("no config.json uploaded; upload one, or choose a preset")
+        path = Path(upload)
+        if path.suffix.lower() != ".json":
+            raise ValueError(f"upload {path.name!r} is not a .json file; upload the model's config.json")
+        size = os.path.getsize(path)
+        if size > MAX_CONFIG_BYTES:
+            raise ValueError(f"upload {path.name!r} is {size / 2**20:.1f} MB; a config.json is at most 1 MB — "
+                             "upload the model's config.json, not its weights")
+        return str(path)
+    if source == SOURCES[1]:
+        if not (hub_id or "").strip():
+            raise ValueError("the hub id is empty; type one like Qwen/Qwen2.5-0.5B (or a local folder), "
+                             "then press Enter")
+        return hub_id.strip()
+    return preset
+
+
+def describe_model(spec: ModelSpec) -> str:
+    kv = f", {spec.num_kv_heads} KV heads" if spec.num_kv_heads != spec.num_heads else ""
+    return (f"**{spec.name}** ({spec.model_type}): {spec.params_total / 1e9:.3f} B parameters, "
+            f"{spec.num_layers} layers, hidden {spec.hidden_size}, {spec.num_heads} heads{kv}, "
+            f"vocabulary {spec.vocab_size:,}")
+
+
+def sweep_points(axis: str, spec: ModelSpec) -> list[int]:
+    if axis == "batch size":
+        return [2**i for i in range(10)]
+    if axis == "sequence length":
+        top = min(spec.max_position or 131072, 131072)
+        return [2**i for i in range(6, 18) if 2**i <= top]
+    return [2**i for i in range(13) if 2**i <= spec.hidden_size]
+
+
+def with_value(axis: str, method: MethodConfig, setup: TrainSetup, x: int) -> tuple[MethodConfig, TrainSetup]:
+    if axis == "batch size":
+        return method, replace(setup, batch_size=x)
+    if axis == "sequence length":
+        return method, replace(setup, seq_len=x)
+    if hasattr(method, "rank"):
+        return replace(method, rank=x), setup
+    return method, setup  # full training has no rank: a flat line
+
+
+def sweep(spec: ModelSpec, configs: list[MethodConfig], setup: TrainSetup, axis: str) -> tuple[list, dict]:
+    """Memory needed on a GPU (peak + overhead) at each point; None where the setting is invalid."""
+    xs = sweep_points(axis, spec)
+    series = {}
+    for cfg in configs:
+        ys = []
+        for x in xs:
+            try:
+                ys.append(estimate_spec(spec, *with_value(axis, cfg, setup, x)).total_bytes)
+            except ValueError:  # e.g. a rank above a layer's dimension
+                ys.append(None)
+        series[cfg.method] = ys
+    return xs, series
+
+
+def fmt_count(n: int) -> str:
+    return f"{n / 1e9:,.2f} B" if n >= 1e9 else f"{n / 1e6:,.2f} M"
+
+
+def summary_table(estimates: dict) -> pd.DataFrame:
+    rows = []
+    for label, est in estimates.items():
+        fits = [r for r in fit_table(est) if r["fits"]]
+        smallest = min(fits, key=lambda r: r["memory_gib"])["gpu"] if fits else "none"
+        rows.append({"method": label, "trainable": fmt_count(est.params_trainable),
+                     "peak allocated": fmt_bytes(est.peak_bytes), "phase": est.phase,
+                     "with overhead": fmt_bytes(est.total_bytes), "fits": f"{len(fits)} of {len(gpu_catalog())} GPUs",
+                     "smallest GPU": smallest})
+    return pd.DataFrame(rows)
+
+
+def gpu_table(spec: ModelSpec, configs: list[MethodConfig], setup: TrainSetup) -> pd.DataFrame:
+    """Each GPU: does the step fit (✓/✗) and the largest batch that fits at this sequence length."""
+    rows = []
+    for gpu in sorted(gpu_catalog(), key=lambda g: g.memory_mib):
+        row = {"GPU": gpu.name, "memory": f"{gpu.memory_bytes / GiB:.0f} GiB"}
+        for cfg in configs:
+            largest = max_batch_size(spec, cfg, setup, gpu, upper=4096)
+            mark = "✓" if largest is not None and largest >= setup.batch_size else "✗"
+            row[cfg.method] = f"{mark} ≤ {largest}" if largest else "✗"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plan_memory(model: str, configs: list[MethodConfig], setup: TrainSetup, axis: str = "batch size",
+                gpu_name: str | None = None) -> dict:
+    """Everything the Plan tab shows. ValueError if the model cannot be loaded or no method can be estimated."""
+    spec = load_spec(model)
+    gpu = find_gpu(gpu_name) if gpu_name and gpu_name != NO_GPU else None
+    estimates, errors = {}, {}
+    for cfg in configs:
+        try:
+            estimates[cfg.method] = estimate_spec(spec, cfg, setup)
+        except ValueError as err:
+            errors[cfg.method] = str(err)
+    if not estimates:
+        raise ValueError("; ".join(f"{METHOD_LABELS[m]}: {e}" for m, e in errors.items()))
+    ok = [cfg for cfg in configs if cfg.method in estimates]
+    xs, series = sweep(spec, ok, setup, axis)
+    notes = [describe_model(spec)]
+    notes += [f"- {METHOD_LABELS[m]}: {n}" for m, est in estimates.items() for n in est.notes]
+    notes += [f"- **{METHOD_LABELS[m]} not estimated**: {e}" for m, e in errors.items()]
+    return {"breakdown": breakdown_figure({m: e.to_dict() for m, e in estimates.items()}, gpu),
+            "summary": summary_table(estimates), "gpus": gpu_table(spec, ok, setup),
+            "sweep": sweep_figure(xs, series, axis, gpu), "notes": "\n".join(notes), "errors": errors}
+
+
+def update_plan(source: str, preset: str, hub_id: str, upload: str | None, methods: list[str], sweep_axis: str,
+                gpu: str, **values) -> tuple:
+    """Gradio handler: widget values -> configs -> plan_memory; problems become messages in the page."""
+    waiting = {SOURCES[1]: not (hub_id or "").strip(), SOURCES[2]: not upload}
+    if waiting.get(source):  # just switched to a source with nothing in it yet
+        hint = "Type a hub id or a local folder, then press Enter." if source == SOURCES[1] else "Upload a config.json."
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), hint
+    try:
+        setup, options = split_setup(values)
+        configs = method_configs(methods, options)
+        model = resolve_model(source, preset, hub_id, upload)
+        result = plan_memory(model, configs, setup, sweep_axis, gpu)
+    except ValueError as err:
+        raise gr.Error(str(err), title="Cannot estimate") from None
+    for method, message in result["errors"].items():
+        gr.Warning(f"{METHOD_LABELS[method]}: {message}", title="Not estimated")
+    return result["breakdown"], result["summary"], result["gpus"], result["sweep"], result["notes"]
+
+
+def estimate_memory(model: str = "llama-7b", method: str = "lora", options: dict | None = None,
+                    batch_size: int = 1, seq_len: int = 256, grad_accum: int = 1, dtype: str = "bf16",
+                    autocast: bool = False, grad_checkpointing: bool = False, attn_implementation: str = "sdpa",
+                    device: str = "cuda") -> dict:
+    """Predict the memory of one training step: DESIGN.md's estimate object plus `total_bytes` and `gpus`.
+
+    model: a preset (llama-7b, ...), a hub id or a config.json path. method: full, lora, qlora,
+    galore or qgalore. options: that method's dataclass fields, e.g. {"rank": 64, "targets": "all-linear"}.
+    """
+    try:
+        cfg = method_config(method, **(options or {}))
+        setup = TrainSetup(batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, dtype=dtype,
+                           autocast=autocast, grad_checkpointing=grad_checkpointing,
+                           attn_implementation=attn_implementation)
+        if device not in ("cuda", "cpu"):
+            raise ValueError(f"device={device!r} must be cuda or cpu")
+        est = estimate_spec(load_spec(model), cfg, setup, device=device)
+    except (ValueError, TypeError) as err:
+        raise gr.Error(str(err), title="Cannot estimate") from None
+    return {**est.to_dict(), "total_bytes": est.total_bytes, "gpus": fit_table(est) if device == "cuda" else []}
+
+
+def create_plan_tab(demo: gr.Blocks) -> None:
+    """Layout and events of the Plan tab (call inside a gr.Tab of `demo`)."""
+    presets = [(f"{name} — {row['description']}", name) for name, row in preset_table().items()]
+    gpus = [NO_GPU] + [g.name for g in gpu_catalog()]
+    with gr.Row():
+        with gr.Column(scale=2, min_width=320):
+            source = gr.Radio(list(SOURCES), value=SOURCES[0], label="model from")
+            preset = gr.Dropdown(presets, value="llama-7b", label="preset")
+            hub_id = gr.Textbox(label="hub id or local folder", placeholder="Qwen/Qwen2.5-0.5B", visible=False,
+                                info="press Enter to estimate; offline, only cached hub configs load")
+            upload = gr.File(label="config.json (JSON, at most 1 MB)", file_types=[".json"], visible=False)
+            methods = gr.CheckboxGroup([(METHOD_LABELS[m], m) for m in METHOD_LABELS], value=list(METHOD_LABELS),
+                                       label="methods to compare")
+            setup = setup_widgets(batch_size=1, seq_len=256, prefix="plan")
+            accordions, options = method_options_block(selected=tuple(METHOD_LABELS), prefix="plan")
+        with gr.Column(scale=5):
+            notes = gr.Markdown(elem_id="plan-notes")
+            breakdown = gr.Plot(show_label=False, label="peak by category", elem_id="plan-breakdown")
+            gpu = gr.Dropdown(gpus, value="RTX 4090", label="draw a GPU's memory on the charts")
+            summary = gr.DataFrame(label="peak per method", elem_id="plan-summary", wrap=True)
+            with gr.Row():
+                sweep_axis = gr.Radio(list(SWEEPS), value=SWEEPS[0], label="sweep memory against")
+            sweep_plot = gr.Plot(show_label=False, label="sweep", elem_id="plan-sweep")
+            gpus_table = gr.DataFrame(label="largest batch that fits each GPU at this sequence length "
+                                            "(✓: the chosen batch fits; ✗ alone: not even batch 1)",
+                                      elem_id="plan-gpus", wrap=True)
+
+    def show_source(choice: str):
+        return gr.Dropdown(visible=choice == SOURCES[0]), gr.Textbox(visible=choice == SOURCES[1]), \
+            gr.File(visible=choice == SOURCES[2])
+
+    source.change(show_source, source, [preset, hub_id, upload], api_visibility="private", queue=False)
+    methods.change(show_selected(accordions), methods, list(accordions.values()), api_visibility="private",
+                   queue=False)
+    inputs = [source, preset, hub_id, upload, methods, sweep_axis, gpu]
+    widgets = {**setup, **options}
+    triggers = [c.change for c in [source, preset, upload, methods, sweep_axis, gpu, *widgets.values()]]
+    gr.on([*triggers, hub_id.submit, hub_id.blur, demo.load], update_plan, inputs=inputs, inputs_kwargs=widgets,
+          outputs=[breakdown, summary, gpus_table, sweep_plot, notes], trigger_mode="always_last",
+          concurrency_limit=None, show_progress="hidden", api_visibility="private")
+    gr.api(estimate_memory, api_name="estimate", concurrency_limit=None)
