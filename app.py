@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import sys
 from pathlib import Path
 
 import gradio as gr
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     parser.add_argument("--runs", default=str(RUNS), help="folder of the training runs (default: runs/)")
     args = parser.parse_args(argv)
+    if args.share or args.host not in ("127.0.0.1", "localhost"):
+        print("warning: the app is reachable beyond this machine: anyone who can open it may load local model "
+              f"folders by path, start training runs, and download files under {args.runs}", file=sys.stderr)
     launch(build_ui(args.runs), args.host, args.port, args.share)
 
 

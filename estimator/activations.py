@@ -41,6 +41,7 @@ class Flow:
     checkpointing: bool = False
     autocast: bool = False
     cast_linear_params: int | None = None  # block linear weights autocast copies (None: all of them)
+    padded: bool = False  # batches carry an attention mask
 
     def saves_input(self, short: str) -> bool:
         """Does this linear keep its input (rather than a LoRA dropout copy) for backward?"""
@@ -177,7 +178,9 @@ def llama_attention_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> 
     RoPE's `q * cos + rotate_half(q) * sin` multiplies by constants: it saves cos/sin (shared by
     all layers), never q or k. Then:
     - flash/efficient SDPA: q, k, v after RoPE — K and V at their own number of heads
-      (`enable_gqa`) — the output (also o_proj's input) and the log-sum-exp.
+      (`enable_gqa`) — the output (also o_proj's input) and the log-sum-exp. With an attention
+      mask (padded batches) transformers cannot pass `enable_gqa`: `repeat_kv` copies K and V
+      to every head first, and SDPA keeps its own model-dtype copy of the mask.
     - eager (`eager_attention_forward`) and SDPA's math kernel: `repeat_kv` copies K and V to
       every head; QKᵀ saves q and the repeated k; the fp32 softmax output and its cast back are
       saved; the product with V saves the repeated v; the output is copied contiguous for o_proj.
@@ -186,7 +189,9 @@ def llama_attention_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> 
     d, q, kv = flow.d, spec.q_dim, spec.kv_dim
     kernel = sdpa_kernel(spec, flow)
     if kernel in ("flash", "efficient"):
-        saved = tokens * (q + 2 * kv) * d + flash_saved(spec, flow, batch, seq, kernel)
+        kv_saved = q if flow.padded else kv
+        mask = batch * seq * seq * d if flow.padded else 0
+        saved = tokens * (q + 2 * kv_saved) * d + flash_saved(spec, flow, batch, seq, kernel) + mask
         return saved + linear_inputs_saved(flow, tokens, q, ("o_proj",), counted=True)
     repeated = kv if spec.num_kv_heads == spec.num_heads else q
     saved = tokens * (q + 2 * repeated) * d + scores_saved(spec, flow, batch, seq, 4, 0.0)
@@ -394,9 +399,9 @@ def token_ids(flow: Flow, batch: int, seq: int) -> int:
 
 
 def checkpointed_shared(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
-    """Inputs every checkpointed block shares: RoPE's tables and eager attention's (b, 1, s, s)
-    causal mask."""
-    mask = batch * seq * seq * flow.d if flow.attn == "eager" else 0
+    """Inputs every checkpointed block shares: RoPE's tables and the attention mask — eager's
+    (b, 1, s, s) in the model dtype, SDPA's boolean one when batches are padded."""
+    mask = batch * seq * seq * flow.d if flow.attn == "eager" else (batch * seq * seq if flow.padded else 0)
     return mask + rotary_tables(spec, flow, seq)
 
 
@@ -443,6 +448,7 @@ def forward_transient(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
     dtype, and under autocast with checkpointing the autocast cache's bf16 weight copies (the
     checkpointed blocks do not save them, the cache holds them until autocast exits)."""
     mask = batch * seq * seq * flow.d if flow.attn == "eager" else 0
+    mask += batch * seq * seq if flow.padded and flow.attn != "eager" else 0  # SDPA's boolean mask
     cast = spec.linear_params if flow.cast_linear_params is None else flow.cast_linear_params
     cache = 2 * cast if flow.autocast and flow.checkpointing else 0
     return mask + cache

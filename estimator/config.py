@@ -67,6 +67,8 @@ class TrainSetup:
     dtype: how weights are stored and computed in ("pure" bf16 when bf16).
     autocast: keep weights in `dtype` (fp32) but run matmuls in bf16 under `torch.autocast` —
         mixed precision, the fp32 weights being the master copy.
+    padded: micro-batches carry an attention mask (padded prompt/response data), so attention
+        takes the masked path instead of the causal fast path (the trainer sets it for .jsonl).
     """
 
     batch_size: int = 1
@@ -76,6 +78,7 @@ class TrainSetup:
     autocast: bool = False
     grad_checkpointing: bool = False
     attn_implementation: str = "sdpa"
+    padded: bool = False
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -89,6 +92,7 @@ class TrainSetup:
                f"autocast=True needs dtype='fp32' (mixed precision keeps fp32 master weights), got dtype={self.dtype!r}")
         _check(problems, isinstance(self.grad_checkpointing, bool),
                f"grad_checkpointing={self.grad_checkpointing!r} must be true or false")
+        _check(problems, isinstance(self.padded, bool), f"padded={self.padded!r} must be true or false")
         _raise(problems, "invalid training setup")
 
     @property

@@ -109,6 +109,7 @@ def make_flow(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, device: 
         checkpointing=setup.grad_checkpointing,
         autocast=setup.autocast,
         cast_linear_params=cast,
+        padded=setup.padded,
     )
 
 

@@ -79,6 +79,7 @@ SETUP_OPTIONS = (
     Option("--autocast", "autocast", bool, "mixed precision: fp32 weights, bf16 matmuls"),
     Option("--grad-checkpointing", "grad_checkpointing", bool, "recompute activations in backward"),
     Option("--attn", "attn_implementation", str, "attention implementation", ALL, ATTN_IMPLEMENTATIONS),
+    Option("--padded", "padded", bool, "batches carry an attention mask (padded .jsonl data; the trainer sets it)"),
 )
 
 

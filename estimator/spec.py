@@ -148,6 +148,9 @@ def load_config(source: str, trust_remote_code: bool = False):
         if not isinstance(data, dict):
             raise ValueError(f"config {str(path)!r} must hold a JSON object, not {type(data).__name__}")
         return _config_from_dict(data, f"config {str(path)!r}", trust_remote_code)
+    if source.startswith(("/", "./", "../", "~")) or source.count("/") > 1 or os.sep != "/" and os.sep in source:
+        raise ValueError(f"model={source!r}: no such file or folder; give a config.json, a model folder, "
+                         f"a preset or a hub id (org/name)")
     if source.endswith(".json") or "/" not in source and not _looks_like_hub_id(source):
         close = difflib.get_close_matches(source.lower(), presets, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"presets are {', '.join(presets)}"

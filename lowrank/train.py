@@ -308,18 +308,21 @@ def prepare_run(cfg: RunConfig, method: MethodConfig, setup: TrainSetup):
     if spec.max_position and setup.seq_len > spec.max_position:
         raise ValueError(f"seq_len={setup.seq_len} is above {spec.name}'s maximum position {spec.max_position}; "
                          f"use --seq-len {spec.max_position} or less")
-    predicted = estimate_spec(spec, method, setup, device=device.type)  # also checks rank and targets
+    estimate_spec(spec, method, setup, device=device.type)  # checks rank and targets before any work
     if setup.dtype == "fp16":
         raise ValueError("dtype='fp16' needs loss scaling, which this trainer does not do; use --dtype bf16 "
                          "(the same memory)")
     out = Path(cfg.out)
     data = load_data(cfg.data, tokenizer_source_for(cfg), spec.vocab_size, setup.seq_len, setup.batch_size,
                      cfg.seed, out.parent / ".cache", cfg.eval_fraction, spec.max_position, cfg.trust_remote_code)
+    if data.kind == "jsonl" and not setup.padded:  # prompt/response rows are padded: masked attention
+        setup = dataclasses.replace(setup, padded=True)
+    predicted = estimate_spec(spec, method, setup, device=device.type)
     model, pretrained = build_model(cfg, setup, cfg.seed)
     model.to(device)
     lr = cfg.lr or DEFAULT_LR[method.method]
     prepared = prepare(model, method, setup, lr, cfg.weight_decay, cfg.grad_clip)
-    return device, spec, predicted, data, prepared, pretrained, lr
+    return device, spec, predicted, data, prepared, pretrained, lr, setup
 
 
 def galore_layers(optimizer) -> dict | None:
@@ -354,7 +357,7 @@ def train(cfg: RunConfig, method: MethodConfig, setup: TrainSetup, resume: bool 
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device, spec, predicted, data, prepared, pretrained, peak_lr = prepare_run(cfg, method, setup)
+    device, spec, predicted, data, prepared, pretrained, peak_lr, setup = prepare_run(cfg, method, setup)
     model, optimizer = prepared.model, prepared.optimizer
     data.tokenizer.save_pretrained(out / "tokenizer")
     base_name = cfg.model
@@ -409,7 +412,7 @@ def train(cfg: RunConfig, method: MethodConfig, setup: TrainSetup, resume: bool 
                 line = {"step": step + 1, "loss": last_loss, "lr": lr, "grad_norm": stats.get("grad_norm"),
                         "tokens": tokens_per_step * (step + 1), "tokens_per_s": tokens_per_step / seconds,
                         "step_time_s": seconds, "memory_peak_bytes": step_peak}
-                if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                if step + 1 == cfg.steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
                     eval_loss = evaluate(model, data, cfg.eval_batches, setup, device)
                     line["eval_loss"] = eval_loss
                 layers = galore_layers(optimizer)

@@ -228,6 +228,11 @@ def train_methods(runner: Runner, session: str, board: Board, model: str, config
         finish(board, runner, session)
 
 
+# The demo's fine-tuning learning rates when none is given (the trainer's defaults are for
+# pre-training from scratch; GaLore's 1e-2 overfits the small task).
+FINETUNE_LR = {"full": 3e-4, "lora": 2e-3, "qlora": 2e-3, "galore": 3e-3, "qgalore": 3e-3}
+
+
 def finetune_demo(runner: Runner, session: str, board: Board, base: str, pretrain_steps: int, finetune_steps: int,
                   configs: list[MethodConfig], setup: TrainSetup, lr: float | None, eval_every: int, seed: int,
                   device: str) -> Iterator[dict]:
@@ -244,8 +249,9 @@ def finetune_demo(runner: Runner, session: str, board: Board, base: str, pretrai
         if pretrained.status != "completed" or not final:
             board.status = f"Pre-training {pretrained.status}; the fine-tuning runs were skipped."
             return
-        items = plan_runs(runner, final, configs, setup, finetune_steps, lr, str(task), eval_every, seed, device,
-                          prefix="ft-")
+        items = [item for cfg in configs  # fine-tuning rates: gentler than pre-training's for GaLore
+                 for item in plan_runs(runner, final, [cfg], setup, finetune_steps, lr or FINETUNE_LR[cfg.method],
+                                       str(task), eval_every, seed, device, prefix="ft-")]
         yield from run_sequence(runner, session, board, items)
         finish(board, runner, session)
 

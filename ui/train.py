@@ -145,7 +145,7 @@ def create_train_tab(demo: gr.Blocks, runner: Runner) -> None:
                              visible=False)
             with gr.Row():
                 steps = gr.Slider(1, 10000, value=100, step=1, precision=0, label="steps", elem_id="train-steps")
-                eval_every = gr.Slider(0, 1000, value=25, step=1, precision=0, label="eval every (steps; 0: never)",
+                eval_every = gr.Slider(0, 1000, value=25, step=1, precision=0, label="eval every (steps; 0: only at the end)",
                                        elem_id="train-eval-every")
             with gr.Row():
                 lr = gr.Number(0, minimum=0, maximum=1, label="peak learning rate (0: the method's default)")

@@ -70,3 +70,23 @@ def test_every_method(method, setup):
     if isinstance(method, QLoRAConfig) and setup.dtype == "fp32":  # QLoRA computes in its compute dtype
         setup = TrainSetup(**{**setup.__dict__, "dtype": "bf16", "autocast": False})
     assert_close(*predicted_and_measured(method, setup, **WIDER))
+
+
+@pytest.mark.parametrize("method", [FullConfig(), LoRAConfig(rank=8), QGaLoreConfig(rank=16)],
+                         ids=lambda m: m.method)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_padded_batches_take_the_masked_attention_path(method, checkpointing):
+    from transformers import AutoModelForCausalLM
+
+    setup = TrainSetup(batch_size=2, seq_len=128, padded=True, grad_checkpointing=checkpointing)
+    config = tiny_config("llama", **WIDER)
+    torch.manual_seed(0)
+    prepared = prepare(AutoModelForCausalLM.from_config(config), method, setup, lr=1e-4)
+    ids = torch.randint(0, config.vocab_size, (2, 128))
+    mask = torch.ones(2, 128, dtype=torch.long)
+    mask[0, 90:] = 0  # a short prompt/response row, right-padded
+    batches = [{"input_ids": ids, "labels": ids.masked_fill(mask == 0, -100), "attention_mask": mask}]
+    training_step(prepared.model, prepared.optimizer, batches, setup)
+    _, measured = measure_step(prepared.model, prepared.optimizer, batches, setup)
+    predicted = estimate_spec(spec_from_config(config, "llama"), method, setup, device="cpu")
+    assert_close(predicted.to_dict(), measured.to_dict())

@@ -99,6 +99,12 @@ def test_unknown_preset_suggests_close_names():
         load_spec("llama7b")
 
 
+def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path):
+    for path in (str(tmp_path / "nope"), "./no/such/model", "~/missing-model"):
+        with pytest.raises(ValueError, match="no such file or folder"):
+            load_spec(path)
+
+
 def test_folder_without_config(tmp_path):
     with pytest.raises(ValueError, match="no config.json"):
         load_spec(str(tmp_path))

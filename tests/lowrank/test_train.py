@@ -154,3 +154,13 @@ def test_a_killed_worker_leaves_its_metrics_and_becomes_an_error_event(tmp_path)
     assert error["type"] == "error" and "killed" in error["message"]
     assert error["predicted_peak_bytes"] > 0 and error["capacity_bytes"] > 0
     assert len(read_run(tmp_path / "killed")["metrics"]) >= 2
+
+
+def test_jsonl_runs_are_predicted_as_padded(tmp_path):
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?\n",
+                                        "response": f"It is {2 * i}."}) + "\n" for i in range(40)))
+    cfg = RunConfig(model="tiny-llama-5m", out=str(tmp_path / "sft"), steps=4, eval_every=0, data=str(task))
+    summary = train(cfg, LoRAConfig(rank=8), TrainSetup(batch_size=4, seq_len=32), progress=False)
+    assert summary["predicted"]["options"]["padded"] is True
+    assert summary["comparison"]["within_targets"], summary["comparison"]
