@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from estimator.config import FullConfig, GaLoreConfig, LoRAConfig, QGaLoreConfig, QLoRAConfig, TrainSetup
-from estimator.estimate import estimate_spec, fit_table, gpu_catalog, max_batch_size
+from estimator.estimate import estimate_spec  # noqa: E402
+from estimator.gpus import fit_table, gpu_catalog, max_batch_size
 from estimator.spec import _load_spec_cached, load_spec
 
 METHODS = [FullConfig(), LoRAConfig(rank=64), QLoRAConfig(rank=64), GaLoreConfig(rank=512, layerwise=True),

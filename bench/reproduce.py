@@ -234,7 +234,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
     parser.add_argument("--part", choices=("all", "pretrain", "finetune"), default="all")
     parser.add_argument("--model", default="tiny-llama-20m")
-    parser.add_argument("--steps", type=int, default=600, help="pre-training steps (token budget = steps × batch × seq)")
+    parser.add_argument("--steps", type=int, default=250, help="pre-training steps (token budget = steps × batch × seq)")
     parser.add_argument("--finetune-steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)

@@ -8,16 +8,8 @@ from __future__ import annotations
 
 import json
 
-from .estimate import (
-    CATEGORIES,
-    Estimate,
-    GiB,
-    estimate_spec,
-    find_gpu,
-    fit_table,
-    max_batch_size,
-    max_seq_len,
-)
+from .estimate import CATEGORIES, Estimate, GiB, estimate_spec
+from .gpus import find_gpu, fit_table, max_batch_size, max_seq_len
 from .options import OneLineParser, add_training_arguments, configs_from_args
 from .spec import load_spec, preset_table
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -306,3 +307,56 @@ def _tensors_in(value) -> Iterable[torch.Tensor]:
             yield from _tensors_in(v)
     elif hasattr(value, "state_tensors"):
         yield from value.state_tensors()
+
+
+class StepMemory:
+    """Peak memory of each step: CUDA's allocator statistics, or live storages on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.tracker = None
+        else:
+            self.tracker = MemoryTracker(records=False)
+            self.tracker.__enter__()
+        return self
+
+    def watch(self, model, optimizer) -> None:
+        if self.tracker is not None:
+            self.tracker.watch_model(model)
+            self.tracker.watch_optimizer(optimizer)
+
+    def __exit__(self, *exc):
+        if self.tracker is not None:
+            self.tracker.__exit__(*exc)
+            self.peak = self.tracker.result().peak_bytes
+        else:
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        return False
+
+
+def cuda_measurement(measured, device: torch.device) -> dict:
+    """On CUDA the allocator's own numbers are the measurement; the tracker splits them by category."""
+    out = measured.to_dict()
+    allocated = torch.cuda.max_memory_allocated(device)
+    reserved = torch.cuda.max_memory_reserved(device)
+    free, total = torch.cuda.mem_get_info(device)
+    out["allocator_peak_bytes"] = allocated
+    out["overhead_bytes"] = max(0, reserved - allocated) + max(0, (total - free) - torch.cuda.memory_reserved(device))
+    out["tracker_peak_bytes"] = out["peak_bytes"]
+    out["peak_bytes"] = allocated
+    return out
+
+
+def device_capacity(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

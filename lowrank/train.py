@@ -42,14 +42,16 @@ from pathlib import Path
 
 import torch
 
-from estimator.config import LoRAConfig, MethodConfig, QGaLoreConfig, TrainSetup
+from estimator.config import LoRAConfig, MethodConfig, TrainSetup
 from estimator.options import OneLineParser, add_training_arguments, configs_from_args
+
+from .checkpoints import load_checkpoint, save_base, save_checkpoint, save_final, save_weights
+from .memory import StepMemory, cuda_measurement, device_capacity
 
 # Learning rates that train each method well from scratch on the tiny presets (GaLore's paper
 # uses 0.01 with scale 0.25 for pre-training; LoRA factors tolerate a high rate).
 DEFAULT_LR = {"full": 1e-3, "lora": 2e-3, "qlora": 2e-3, "galore": 1e-2, "qgalore": 1e-2}
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OOM = 2, 1, 3
-CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass(frozen=True)
@@ -167,116 +169,6 @@ def write_json(path: Path, data: dict) -> None:
     tmp.replace(path)  # never a half-written file
 
 
-# ---------------------------------------------------------------------------------------- memory
-
-
-class StepMemory:
-    """Peak memory of each step: CUDA's allocator statistics, or live storages on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def __enter__(self):
-        from .memory import MemoryTracker
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.tracker = None
-        else:
-            self.tracker = MemoryTracker(records=False)
-            self.tracker.__enter__()
-        return self
-
-    def watch(self, model, optimizer) -> None:
-        if self.tracker is not None:
-            self.tracker.watch_model(model)
-            self.tracker.watch_optimizer(optimizer)
-
-    def __exit__(self, *exc):
-        if self.tracker is not None:
-            self.tracker.__exit__(*exc)
-            self.peak = self.tracker.result().peak_bytes
-        else:
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        return False
-
-
-def cuda_measurement(measured, device: torch.device) -> dict:
-    """On CUDA the allocator's own numbers are the measurement; the tracker splits them by category."""
-    out = measured.to_dict()
-    allocated = torch.cuda.max_memory_allocated(device)
-    reserved = torch.cuda.max_memory_reserved(device)
-    free, total = torch.cuda.mem_get_info(device)
-    out["allocator_peak_bytes"] = allocated
-    out["overhead_bytes"] = max(0, reserved - allocated) + max(0, (total - free) - torch.cuda.memory_reserved(device))
-    out["tracker_peak_bytes"] = out["peak_bytes"]
-    out["peak_bytes"] = allocated
-    return out
-
-
-def device_capacity(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-# ---------------------------------------------------------------------------------------- saving
-
-
-def trainable_state(model) -> dict:
-    """What a checkpoint must hold: every trainable tensor, and INT8 weights (Q-GaLore)."""
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    if len(trainable) == sum(1 for _ in model.parameters()):
-        return {k: v for k, v in model.state_dict().items()}
-    state = model.state_dict()
-    return {k: v for k, v in state.items() if k in trainable or "weight_codes" in k or "weight_scales" in k
-            or "weight_offsets" in k}
-
-
-def save_weights(directory: Path, model, method: MethodConfig, base_name: str) -> None:
-    """A usable snapshot: a PEFT adapter for LoRA/QLoRA, the model's weights otherwise (Q-GaLore's
-    as INT8 codes with their group constants)."""
-    if isinstance(method, LoRAConfig):
-        from .lora import save_adapter
-
-        save_adapter(model, method, directory, base_model_name_or_path=base_name)
-    else:
-        model.save_pretrained(directory)
-
-
-def save_checkpoint(out: Path, step: int, model, optimizer, data, peak_lr: float) -> None:
-    """What --resume needs (model, optimizer, data position, RNG), in one file rewritten each time."""
-    directory = out / "checkpoints"
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (CHECKPOINT + ".tmp")
-    torch.save({"step": step, "model": trainable_state(model), "optimizer": optimizer.state_dict(),
-                "data": data.train.state_dict(), "peak_lr": peak_lr, "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp)
-    tmp.replace(directory / CHECKPOINT)
-
-
-def save_final(out: Path, model, method: MethodConfig, tokenizer, base_name: str) -> Path:
-    """LoRA/QLoRA: a PEFT adapter; Q-GaLore: the dequantized model; others: the model folder."""
-    final = out / "final"
-    if isinstance(method, LoRAConfig):
-        from .lora import save_adapter
-
-        save_adapter(model, method, final, base_model_name_or_path=base_name)
-    else:
-        if isinstance(method, QGaLoreConfig):
-            from .qgalore import dequantize_model_weights
-
-            dequantize_model_weights(model)
-        model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
-    return final
-
-
 # ---------------------------------------------------------------------------------------- the run
 
 
@@ -357,6 +249,7 @@ def train(cfg: RunConfig, method: MethodConfig, setup: TrainSetup, resume: bool 
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    Stop.requested = False  # a new run starts un-stopped
     device, spec, predicted, data, prepared, pretrained, peak_lr, setup = prepare_run(cfg, method, setup)
     model, optimizer = prepared.model, prepared.optimizer
     data.tokenizer.save_pretrained(out / "tokenizer")
@@ -364,7 +257,7 @@ def train(cfg: RunConfig, method: MethodConfig, setup: TrainSetup, resume: bool 
     if isinstance(method, LoRAConfig) and not pretrained and not resume:
         base = out / "base"  # the random base a preset's adapter belongs to
         prepared_base_dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-        save_base(cfg, setup, base, data.tokenizer, prepared_base_dtype)
+        save_base(lambda: build_model(cfg, setup, cfg.seed)[0], base, data.tokenizer, prepared_base_dtype)
         base_name = str(base.resolve())
     config = {"model": cfg.model, "method": method.to_dict(), "setup": dataclasses.asdict(setup),
               "run": dataclasses.asdict(cfg), "lr": peak_lr, "device": str(device), "data": data.summary(),
@@ -462,30 +355,6 @@ def train(cfg: RunConfig, method: MethodConfig, setup: TrainSetup, resume: bool 
         print(f"\n{method.method} on {cfg.model}: predicted vs measured memory of one step\n"
               + memory_table(predicted.to_dict(), measured), file=sys.stderr)
     return summary
-
-
-def save_base(cfg: RunConfig, setup: TrainSetup, base: Path, tokenizer, dtype: torch.dtype) -> None:
-    """Save the seeded random base model a preset's LoRA run starts from (rebuilt, not the wrapped one)."""
-    model, _ = build_model(cfg, setup, cfg.seed)
-    model.to(dtype).save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    del model
-
-
-def load_checkpoint(out: Path, model, optimizer, data, device: torch.device) -> int:
-    path = out / "checkpoints" / CHECKPOINT
-    if not path.exists():
-        raise ValueError(f"--resume {out}: no checkpoint at {path}; the run saved none (use --save-every)")
-    state = torch.load(path, map_location=device, weights_only=False)
-    missing = model.load_state_dict(state["model"], strict=False)
-    if missing.unexpected_keys:
-        raise ValueError(f"--resume {out}: the checkpoint does not fit this model ({missing.unexpected_keys[:3]})")
-    optimizer.load_state_dict(state["optimizer"])
-    data.train.load_state_dict(state["data"])
-    torch.set_rng_state(state["rng"])
-    if state.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["step"])
 
 
 # ---------------------------------------------------------------------------------------- the CLI

@@ -182,16 +182,11 @@ def _cuda() -> bool:
 
 
 def _capacity() -> int | None:
-    import os
-
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
+    from .memory import device_capacity
+
+    return device_capacity(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def start_run(spec: RunSpec, python: str = sys.executable) -> Run:

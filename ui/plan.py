@@ -14,7 +14,8 @@ import gradio as gr
 import pandas as pd
 
 from estimator.config import MethodConfig, TrainSetup, method_config
-from estimator.estimate import estimate_spec, find_gpu, fit_table, gpu_catalog, max_batch_size
+from estimator.estimate import estimate_spec
+from estimator.gpus import find_gpu, fit_table, gpu_catalog, max_batch_size
 from estimator.spec import ModelSpec, load_spec, preset_table
 
 from .charts import GiB, breakdown_figure, fmt_bytes, sweep_figure

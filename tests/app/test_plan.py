@@ -9,7 +9,8 @@ import gradio as gr
 import pytest
 
 from estimator.config import METHODS, GaLoreConfig, LoRAConfig, TrainSetup
-from estimator.estimate import estimate, find_gpu, fit_table, max_batch_size
+from estimator.estimate import estimate
+from estimator.gpus import find_gpu, fit_table, max_batch_size
 from estimator.spec import load_spec
 from ui.plan import SOURCES, estimate_memory, plan_memory, resolve_model, update_plan
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from estimator import estimate as est
+from estimator import gpus
 from estimator import memory as mem
 from estimator.config import (
     FullConfig,
@@ -129,7 +130,7 @@ def test_stochastic_rounding_work_space():
 def test_gpu_fit_uses_peak_plus_overhead():
     estimate = est.estimate("llama-7b", GaLoreConfig(rank=1024, optimizer="adamw8bit", layerwise=True),
                             TrainSetup(batch_size=1, seq_len=256))
-    rows = {row["gpu"]: row for row in est.fit_table(estimate)}
+    rows = {row["gpu"]: row for row in gpus.fit_table(estimate)}
     assert rows["RTX 4090"]["fits"] and not rows["RTX 4060 Ti 16GB"]["fits"]
     need = estimate.peak_bytes + estimate.overhead_bytes
     assert rows["RTX 4090"]["headroom_gib"] == pytest.approx((24564 * 2**20 - need) / 2**30, abs=0.01)
@@ -138,9 +139,9 @@ def test_gpu_fit_uses_peak_plus_overhead():
 def test_max_batch_size_is_the_largest_that_fits():
     spec = spec_from_config(tiny_config("llama"), "x")
     setup = TrainSetup(batch_size=1, seq_len=512)
-    gpu = est.GPU("test", 2048, "test")
-    largest = est.max_batch_size(spec, LoRAConfig(rank=8), setup, gpu)
+    gpu = gpus.GPU("test", 2048, "test")
+    largest = gpus.max_batch_size(spec, LoRAConfig(rank=8), setup, gpu)
     fits = est.estimate_spec(spec, LoRAConfig(rank=8), TrainSetup(batch_size=largest, seq_len=512))
     too_big = est.estimate_spec(spec, LoRAConfig(rank=8), TrainSetup(batch_size=largest + 1, seq_len=512))
     assert fits.total_bytes <= gpu.memory_bytes < too_big.total_bytes
-    assert est.max_batch_size(est.load_spec("llama2-70b"), FullConfig(), setup, gpu) is None
+    assert gpus.max_batch_size(est.load_spec("llama2-70b"), FullConfig(), setup, gpu) is None

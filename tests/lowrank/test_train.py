@@ -83,7 +83,6 @@ def test_resume_continues_the_same_trajectory(tmp_path, monkeypatch):
     cfg = run_cfg(tmp_path, "resumed", steps=8, eval_every=0)
     assert train(cfg, method, SETUP, progress=False)["status"] == "stopped"
     monkeypatch.setattr(trainer, "learning_rate", schedule)
-    monkeypatch.setattr(trainer.Stop, "requested", False)
     resumed = train(cfg, method, SETUP, resume=True, progress=False)
     lines = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == list(range(1, 9))

@@ -1,0 +1,89 @@
+"""GPUs: the catalog (assets/gpus.json), which of them fit a step, and the largest batch or
+sequence that fits one.
+
+A step fits when its allocated peak plus the overhead (CUDA context, allocator slack) is at
+most the card's memory. The largest batch and sequence are found by doubling then bisection,
+which is exact because the estimate grows monotonically with both (tests check it).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+
+from .config import MethodConfig, TrainSetup
+from .estimate import Estimate, GiB, estimate_spec
+from .spec import ASSETS, ModelSpec
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_mib: int
+    kind: str
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory_mib * 2**20
+
+
+@lru_cache(maxsize=1)
+def gpu_catalog() -> tuple[GPU, ...]:
+    data = json.loads(Path(ASSETS / "gpus.json").read_text())
+    return tuple(GPU(**g) for g in data["gpus"])
+
+
+def find_gpu(name: str) -> GPU:
+    """A GPU from the catalog by name, case and spaces ignored; ValueError suggests close names."""
+    key = name.lower().replace(" ", "").replace("-", "")
+    for gpu in gpu_catalog():
+        if gpu.name.lower().replace(" ", "").replace("-", "") == key:
+            return gpu
+    names = [g.name for g in gpu_catalog()]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.4)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known GPUs: {', '.join(names)}"
+    raise ValueError(f"gpu={name!r} is not in the catalog; {hint}")
+
+
+def fit_table(est: Estimate) -> list[dict]:
+    """Every catalog GPU: does this step fit (allocated peak + overhead ≤ memory), and the headroom."""
+    need = est.total_bytes
+    return [{"gpu": g.name, "memory_gib": round(g.memory_bytes / GiB, 1), "fits": need <= g.memory_bytes,
+             "headroom_gib": round((g.memory_bytes - need) / GiB, 2)} for g in gpu_catalog()]
+
+
+def _largest(fits, upper: int) -> int | None:
+    """Largest n in [1, upper] with fits(n) true, assuming fits is monotone; None if even 1 fails."""
+    if not fits(1):
+        return None
+    lo, hi = 1, 2
+    while hi <= upper and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, upper + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def max_batch_size(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, gpu: GPU,
+                   upper: int = 1 << 16) -> int | None:
+    """The largest micro-batch that fits `gpu` at this sequence length (None: not even 1)."""
+    def fits(batch: int) -> bool:
+        return estimate_spec(spec, method, replace(setup, batch_size=batch)).total_bytes <= gpu.memory_bytes
+
+    return _largest(fits, upper)
+
+
+def max_seq_len(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, gpu: GPU) -> int | None:
+    """The longest sequence that fits `gpu` at this batch size, up to the model's maximum position."""
+    def fits(seq: int) -> bool:
+        return estimate_spec(spec, method, replace(setup, seq_len=seq)).total_bytes <= gpu.memory_bytes
+
+    return _largest(fits, spec.max_position or 1 << 20)
