@@ -1,7 +1,7 @@
 """Ablations worth a plot: GaLore's rank and refresh gap, randomized vs exact SVD, and Q-GaLore's
 adaptive gap vs a fixed one — loss, memory and the number of SVDs.
 
-    python bench/ablations.py            # ~20 minutes on two cores; tables + assets/ablation_*.png
+    python bench/ablations.py            # ~25 minutes on two cores; tables + assets/ablation_*.png
     python bench/ablations.py --quick    # a smoke test
 
 Memory is both predicted (the estimator, for a 7B at batch 1 × 256: where rank matters) and
@@ -101,7 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model", default="tiny-llama-5m")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--rank", type=int, default=64)
