@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    args.ranks, args.gaps = [16, 32, 64, 128, 256], [10, 50, 200, 1000]
+    args.ranks, args.gaps = [8, 16, 32, 64, 128], [10, 50, 200, 1000]  # 128: the K/V width of tiny-llama-5m
     if args.quick:
         args.steps, args.eval_batches, args.ranks, args.gaps = 8, 2, [16, 64], [2, 8]
     warnings.filterwarnings("ignore")

@@ -82,6 +82,23 @@ def default_documents() -> list[str]:
     return [topics[key] for key in sorted(topics)]
 
 
+def repeat_task(limit: int = 2000, max_words: int = 12) -> list[dict[str, str]]:
+    """A fine-tuning task that generalizes, made from the default corpus: repeat a sentence.
+
+    {"prompt": "Repeat: <sentence>\\nAnswer:", "response": " <sentence>"} for sentences of 4 to
+    `max_words` words. Held-out sentences can only be repeated by a model that learned to copy,
+    so the eval loss measures the skill, not memory of the training records.
+    """
+    import re
+
+    sentences = []
+    for text in default_documents():
+        for sentence in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
+            if 4 <= len(sentence.split(" ")) <= max_words and sentence.isascii():
+                sentences.append(sentence)
+    return [{"prompt": f"Repeat: {s}\nAnswer:", "response": f" {s}"} for s in sentences[:limit]]
+
+
 def _check_file(path: Path) -> None:
     if not path.exists():
         raise ValueError(f"data file {str(path)!r} does not exist: give an existing .txt or .jsonl file, "

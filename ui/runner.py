@@ -22,11 +22,11 @@ from estimator.estimate import estimate
 from estimator.spec import preset_names
 from lowrank.worker import Run, RunSpec, start_run
 
-from .demo import write_help_task
+from .demo import write_task
 from .runs import Board, RunView
 from .widgets import METHOD_LABELS
 
-DATA_SOURCES = ("Python docs (the default corpus)", "fine-tuning task: Python help topics (prompt → response)",
+DATA_SOURCES = ("Python docs (the default corpus)", "fine-tuning task: repeat sentences of the docs (prompt → response)",
                 "uploaded .txt or .jsonl")
 MAX_DATA_BYTES = 64 << 20
 DEVICES = ("auto", "cpu", "cuda")
@@ -108,7 +108,7 @@ class Runner:
 def data_path(choice: str, upload: str | None, root: Path) -> str | None:
     """The --data of the runs: None (default corpus), the generated task, or a copy of the upload."""
     if choice == DATA_SOURCES[1]:
-        return str(write_help_task(root / ".data"))
+        return str(write_task(root / ".data"))
     if choice != DATA_SOURCES[2]:
         return None
     if not upload:
@@ -237,7 +237,7 @@ def finetune_demo(runner: Runner, session: str, board: Board, base: str, pretrai
                   configs: list[MethodConfig], setup: TrainSetup, lr: float | None, eval_every: int, seed: int,
                   device: str) -> Iterator[dict]:
     """Pre-train `base` with full training on the default corpus, then fine-tune it with each method on the task."""
-    task = write_help_task(runner.root / ".data")
+    task = write_task(runner.root / ".data")
     pre = plan_runs(runner, base, [FullConfig()], setup, pretrain_steps, None, None, eval_every, seed, device)
     pre = [("pre-train (full)", pre[0][1], pre[0][2])]
     for cfg in configs:  # check every option before the long pre-training (the model is the base's shape)

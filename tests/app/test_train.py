@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from estimator.config import FullConfig, GaLoreConfig, LoRAConfig, QLoRAConfig, TrainSetup
-from ui.demo import help_task, write_help_task
+from ui.demo import task_records, write_task
 from ui.runner import DATA_SOURCES, Runner, data_path, finetune_demo, plan_runs, train_methods
 from ui.runs import Board, RunView, export_run, past_runs, render, results_table, view_from_folder
 
@@ -105,7 +105,7 @@ def test_data_choices(tmp_path):
     assert data_path(DATA_SOURCES[0], None, tmp_path) is None
     task = Path(data_path(DATA_SOURCES[1], None, tmp_path))
     records = [json.loads(line) for line in task.read_text().splitlines()]
-    assert len(records) > 100 and records == help_task()
+    assert len(records) > 100 and records == task_records()
     upload = tmp_path / "notes.txt"
     upload.write_text("some text " * 100)
     kept = Path(data_path(DATA_SOURCES[2], str(upload), tmp_path))
@@ -118,11 +118,13 @@ def test_data_choices(tmp_path):
         data_path(DATA_SOURCES[2], str(bad), tmp_path)
 
 
-def test_the_help_task_is_prose_prompt_and_response():
-    records = help_task()
-    assert all(r["prompt"].startswith("Python help: ") and r["prompt"].endswith("\n") for r in records)
-    assert all(20 < len(r["response"]) <= 400 and "::=" not in r["response"] for r in records)
-    assert len({r["prompt"] for r in records}) == len(records)
+def test_the_task_asks_to_repeat_a_sentence():
+    records = task_records()
+    assert len(records) > 500
+    for r in records:
+        sentence = r["response"].strip()
+        assert r["prompt"] == f"Repeat: {sentence}\nAnswer:" and r["response"] == f" {sentence}"
+        assert 4 <= len(sentence.split()) <= 12
 
 
 def test_the_fine_tuning_demo_fine_tunes_the_base_it_pre_trained(tmp_path):
@@ -134,7 +136,7 @@ def test_the_fine_tuning_demo_fine_tunes_the_base_it_pre_trained(tmp_path):
                                                             "completed")
     config = json.loads((Path(ft.out) / "config.json").read_text())
     assert config["model"] == str(Path(pre.out) / "final")
-    assert config["run"]["data"] == str(write_help_task(tmp_path / ".data"))
+    assert config["run"]["data"] == str(write_task(tmp_path / ".data"))
 
 
 def test_a_run_without_a_summary_reloads_as_interrupted(tmp_path):

@@ -305,3 +305,11 @@ def test_tokenizer_errors(text_file, cache, tmp_path):
     text_data(text_file, cache).tokenizer.save_pretrained(tmp_path / "tok")
     with pytest.raises(ValueError, match=r"has \d+ tokens, more than the model's vocab_size 300"):
         text_data(text_file, cache, tokenizer_source=str(tmp_path / "tok"), vocab_size=300)
+
+
+def test_repeat_task_is_a_copying_task_from_the_default_corpus():
+    from lowrank.data import repeat_task
+
+    records = repeat_task(limit=50)
+    assert len(records) == 50 and repeat_task(limit=50) == records
+    assert all(r["prompt"] == f"Repeat: {r['response'][1:]}\nAnswer:" for r in records)
