@@ -299,15 +299,19 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
     tied_pending = spec.vocab_size * spec.hidden_size * d if layerwise and spec.tie_word_embeddings else 0
     dequant = dequant_transient(spec, method, setup)
     hooks = layerwise_hooks(spec, method, setup) if layerwise else []
+    tied_new = spec.vocab_size * spec.hidden_size * d if spec.tie_word_embeddings and flow.embeddings_trainable else 0
     n = spec.num_layers
     out = {}
     for where, first in (("top block", False), ("bottom block", True)):
         parts = act.block_saved(spec, flow, b, s, first=first)
         other = act.block_saved(spec, flow, b, s, first=not first)
         candidates = []
+        had: tuple[str, ...] = ()
         for step in act.block_backward_steps(spec, flow, b, s):
             alive = sum(parts[p] for p in step.alive)
             made = sum(block_grads.get(k, 0) for k in step.grads_of)
+            newest = max([block_grads.get(k, 0) for k in step.grads_of if k not in had], default=0)
+            had = step.grads_of
             if flow.checkpointing:
                 ckpt = act.checkpointed_layer_saved(spec, flow, b, s)
                 shared = act.checkpointed_shared(spec, flow, b, s)
@@ -318,7 +322,10 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
                 activations += act.rotary_tables(spec, flow, s) + act.token_ids(flow, b, s)
                 recomputed = 0
             if before:  # accumulating: each new gradient is added to the old one as soon as it is made
-                gradients = before
+                gradients = before  # a tied embedding's lm_head side waits in autograd's buffer
+                recomputed += tied_new
+                if not layerwise:  # the newest gradient of the step, just before it is added
+                    candidates.append((gradients, activations, recomputed + newest))
             elif layerwise:  # each gradient is consumed by its hook as soon as it is made
                 gradients = tied_pending
             elif where == "top block":
@@ -335,13 +342,23 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
             hidden_grad = b * s * spec.hidden_size * flow.d  # flowing on into the final norm
             candidates.append((before + lm_head_grad, blocks,
                                galore_plain_temps(spec.lm_head_params, method, d) + hidden_grad))
-        if before and where == "top block":
-            # the head's new gradient waits beside every block's activations until it is added
+        if where == "top block":
             if flow.checkpointing:
                 blocks = n * act.checkpointed_layer_saved(spec, flow, b, s) + act.checkpointed_shared(spec, flow, b, s)
             else:
                 blocks = sum(parts.values()) + (n - 1) * sum(other.values()) + act.rotary_tables(spec, flow, s)
-            candidates.append((before, blocks + act.token_ids(flow, b, s), head_grads))
+            blocks += act.token_ids(flow, b, s)
+            if before:  # the head's new gradients wait beside every block's activations until added
+                candidates.append((before, blocks, head_grads))
+            if flow.lm_head_trainable:
+                # lm_head's backward: the logits' gradient (model dtype) is alive beside the new
+                # weight gradient, its input and the final norm's saved tensors; the new gradient
+                # either becomes .grad or waits to be added to the accumulated one
+                head = act.head_saved(spec, flow, b, s)
+                alive = blocks + head["final norm"] + head["lm_head input"]
+                new = spec.vocab_size * spec.hidden_size * d
+                logits_grad = b * s * spec.vocab_size * flow.d
+                candidates.append((before, alive, new + logits_grad) if before else (new, alive, logits_grad))
         out[f"backward: {where}"] = max(candidates, key=sum)
     return out
 
@@ -374,16 +391,24 @@ def estimate_spec(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, devi
     }
     for name, values in backward_moments(spec, method, setup, flow, before, grads).items():
         moments[name] = moment(*values)
-    if layerwise:  # the last hook: the token embedding's gradient and its AdamW slices
+    if layerwise:
+        # the last hooks: the embeddings' gradients and their AdamW slices; every other gradient,
+        # accumulated or not, has been consumed by its hook by now
         embedding = spec.vocab_size * spec.hidden_size
-        tied_sum = 2 * embedding * d if spec.tie_word_embeddings else 0
-        moments["backward: end"] = moment(before + (0 if before else embedding * d), 0,
-                                          max(tied_sum, galore_plain_temps(embedding, method, d)))
+        positions = spec.embedding_params - embedding  # learned positions (GPT-2), updated first
+        tied = embedding * d if spec.tie_word_embeddings else 0  # its lm_head side, still pending
+        ends = [(embedding * d, max(2 * tied, galore_plain_temps(embedding, method, d)))]
+        if positions:  # beside it, the token embedding's gradient accumulated so far
+            ends.append((positions * d + (embedding * d if before else 0),
+                         tied + galore_plain_temps(positions, method, d)))
+        moments["backward: end"] = max((moment(grad, 0, temps) for grad, temps in ends), key=lambda m: sum(m.values()))
     else:
         # a tied embedding gets two gradients, lm_head's and the input side's; autograd's input
         # buffer adds them out of place, so the new one and the sum coexist with the first
+        # (accumulating, the first is not yet added either: three copies beside the accumulated ones)
         tied = spec.tie_word_embeddings and flow.embeddings_trainable
-        moments["backward: end"] = moment(grads, 0, 2 * spec.vocab_size * spec.hidden_size * d if tied else 0)
+        copies = 3 if before else 2
+        moments["backward: end"] = moment(grads, 0, copies * spec.vocab_size * spec.hidden_size * d if tied else 0)
         moments["optimizer"] = moment(grads, 0, update)
     name = max(moments, key=lambda k: sum(moments[k].values()))
     breakdown = {c: moments[name][c] for c in CATEGORIES}

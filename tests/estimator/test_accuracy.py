@@ -90,3 +90,14 @@ def test_padded_batches_take_the_masked_attention_path(method, checkpointing):
     _, measured = measure_step(prepared.model, prepared.optimizer, batches, setup)
     predicted = estimate_spec(spec_from_config(config, "llama"), method, setup, device="cpu")
     assert_close(predicted.to_dict(), measured.to_dict())
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma", "gpt2"])
+@pytest.mark.parametrize("method", [FullConfig(), GaLoreConfig(rank=16, optimizer="adamw8bit", layerwise=True)],
+                         ids=["full", "galore-layerwise"])
+def test_short_accumulated_micro_batches_peak_at_the_head(model_type, method):
+    """Few tokens per micro-batch: the peak is lm_head's backward, where its new gradient and the
+    logits' gradient wait beside the accumulated gradients (gemma and gpt2 tie the embedding)."""
+    setup = TrainSetup(batch_size=1, seq_len=16, dtype="bf16", grad_accum=2)
+    predicted, measured = predicted_and_measured(method, setup, model_type)
+    assert_close(predicted, measured)
