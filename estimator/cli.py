@@ -10,7 +10,7 @@ import json
 
 from .estimate import CATEGORIES, Estimate, GiB, estimate_spec
 from .gpus import find_gpu, fit_table, max_batch_size, max_seq_len
-from .options import OneLineParser, add_training_arguments, configs_from_args
+from .options import OneLineParser, add_training_arguments, as_flags, configs_from_args
 from .spec import load_spec, preset_table
 
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         est = estimate_spec(spec, method, setup, device=args.device)
         gpu = find_gpu(args.max_batch_size) if args.max_batch_size else None
     except ValueError as err:
-        parser.error(str(err))
+        parser.error(as_flags(str(err), args.method))
     result = est.to_dict()
     text = [render(est)]
     if args.gpus:

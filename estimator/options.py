@@ -8,6 +8,7 @@ have is an error naming the methods it belongs to.
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,7 +128,21 @@ def configs_from_args(args: argparse.Namespace) -> tuple[MethodConfig, TrainSetu
     if problems:
         raise ValueError("; ".join(problems))
     setup = {o.field: getattr(args, o.dest) for o in SETUP_OPTIONS if getattr(args, o.dest) is not None}
-    return method_config(method, **options), TrainSetup(**setup)
+    try:
+        return method_config(method, **options), TrainSetup(**setup)
+    except ValueError as err:
+        raise ValueError(as_flags(str(err), method)) from None
+
+
+def as_flags(message: str, method: str) -> str:
+    """A dataclass's message in command-line words: `batch_size=0 must …` → `--batch-size 0 must …`."""
+    def flag(match: re.Match) -> str:
+        for option in (*METHOD_OPTIONS, *SETUP_OPTIONS):
+            if option.field == match.group(1) and method in option.methods:
+                return f"{option.flag} "
+        return match.group(0)
+
+    return re.sub(r"\b([a-z_]+)=", flag, message)
 
 
 def flags_for(method: MethodConfig, setup: TrainSetup) -> list[str]:

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from estimator.config import LoRAConfig, MethodConfig, TrainSetup
-from estimator.options import OneLineParser, add_training_arguments, configs_from_args
+from estimator.options import OneLineParser, add_training_arguments, as_flags, configs_from_args
 
 from .checkpoints import load_checkpoint, save_base, save_checkpoint, save_final, save_weights
 from .memory import StepMemory, cuda_measurement, device_capacity
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             return dry_run_cli(cfg, method, setup)
         summary = train(cfg, method, setup, resume=bool(args.resume), progress=not args.no_progress)
     except ValueError as err:
-        parser.error(str(err))
+        parser.error(as_flags(str(err), args.method or ""))
     except Exception as err:  # a crash: the message on one line, the traceback in the run folder
         out = Path(getattr(args, "out", None) or args.resume or ".")
         if out.is_dir():

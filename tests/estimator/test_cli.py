@@ -39,9 +39,9 @@ def test_max_batch_size(capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["llama-7b", "--method", "lora", "--rank", "0"], "rank=0"),
-    (["llama-7b", "--method", "lora", "--rank", "5000"], "smallest target dimension"),
-    (["llama-7b", "--method", "lora", "--batch-size", "0"], "batch_size=0"),
+    (["llama-7b", "--method", "lora", "--rank", "0"], "--rank 0 must be a whole number"),
+    (["llama-7b", "--method", "lora", "--rank", "5000"], "--rank 5000 is above the smallest target dimension"),
+    (["llama-7b", "--method", "lora", "--batch-size", "0"], "--batch-size 0 must be"),
     (["llama7b", "--method", "lora"], "did you mean llama-7b"),
     (["llama-7b", "--method", "full", "--rank", "8"], "--rank does not apply to --method full"),
     (["llama-7b", "--method", "lora", "--lora-targets", "q,v"], "no linear layer named q, v"),

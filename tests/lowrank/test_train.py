@@ -106,10 +106,10 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("extra,message", [
     (["--data", "/no/such/file.txt"], "no/such/file.txt"),
     (["--data", "EMPTY"], "empty"),
-    (["--seq-len", "5000"], "maximum position 1024"),
-    (["--batch-size", "0"], "batch_size=0"),
+    (["--seq-len", "5000"], "--seq-len 5000 is above tiny-llama-5m's maximum position 1024"),
+    (["--batch-size", "0"], "--batch-size 0 must be"),
     (["--method", "dora"], "invalid choice"),
-    (["--rank", "999"], "rank=999"),
+    (["--rank", "999"], "--rank 999 is above"),
 ])
 def test_bad_input_fails_before_any_work(tmp_path, extra, message):
     if "EMPTY" in extra:
