@@ -47,3 +47,15 @@ def gpu():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     return torch.device("cuda")
+
+
+def train_losses(model, optimizer, ids: torch.Tensor, steps: int) -> list[float]:
+    """Plain next-token training on one batch: the loss of every step."""
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses

@@ -23,6 +23,7 @@ from lowrank.lora import (
     save_adapter,
     unmerge_lora,
 )
+from tests.conftest import train_losses
 
 VOCAB = 128
 
@@ -172,13 +173,7 @@ def test_loss_goes_down(ids, dtype):
     model = apply_lora(tiny_llama(dtype), LoRAConfig(rank=8, alpha=16, dropout=0.1, targets="all-linear")).train()
     assert {p.dtype for p in lora_parameters(model)} == {dtype}
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
-    losses = []
-    for _ in range(50):
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = train_losses(model, optimizer, ids, steps=50)
     assert losses[-1] < 0.85 * losses[0], losses
 
 

@@ -21,6 +21,7 @@ from lowrank.lora import (
     save_adapter,
 )
 from lowrank.qlora import apply_qlora, quantize_linears, quantized_weight_bytes
+from tests.conftest import train_losses
 from tests.lowrank.test_lora import VOCAB, logits, randomize_adapters, tiny_llama
 
 LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
@@ -79,13 +80,7 @@ def test_only_adapters_change_and_loss_goes_down(base, ids):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     codes = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # frozen ones get no grad
-    losses = []
-    for _ in range(50):
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = train_losses(model, optimizer, ids, steps=50)
     assert losses[-1] < 0.85 * losses[0], losses
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]) == (".lora_" not in name), name
@@ -177,11 +172,5 @@ def test_qlora_on_cuda(ids):
     assert all(p.is_cuda for p in lora_parameters(model))
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
     ids = ids.cuda()
-    losses = []
-    for _ in range(20):
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = train_losses(model, optimizer, ids, steps=20)
     assert losses[-1] < losses[0], losses
