@@ -27,7 +27,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -116,7 +116,11 @@ def run(name: str, model: nn.Module, method: MethodConfig, setup: TrainSetup, da
         eval_batches: int) -> Result:
     """Train `steps` steps with the trainer's schedule; measure step 2 by category."""
     schedule = RunConfig(model="-", out="-", steps=steps)
-    prepared = prepare(model, method, setup, lr, grad_clip=1.0)
+    if isinstance(method, LoRAWithEmbeddings):  # prepare() knows the plain LoRAConfig
+        prepared = prepare(model, LoRAConfig(**{f.name: getattr(method, f.name) for f in fields(LoRAConfig) if f.init}),
+                           setup, lr, grad_clip=1.0)
+    else:
+        prepared = prepare(model, method, setup, lr, grad_clip=1.0)
     if isinstance(method, LoRAWithEmbeddings):
         from lowrank.full import build_optimizer
 
@@ -265,6 +269,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     tokens = args.steps * args.batch_size * args.seq_len
     if args.part in ("all", "pretrain"):
         print(f"pre-training {args.model}: {args.steps} steps × {args.batch_size} × {args.seq_len} = {tokens:,} tokens",
