@@ -7,9 +7,9 @@ trained too), and a pure low-rank factorization W = BA. The papers' pattern: ful
 few percent), LoRA behind, low-rank far behind; memory in the papers' order.
 
 Fine-tuning: pre-train a base (full AdamW), then fine-tune it on a prompt/response task this
-script generates from the same docs (repeat a sentence; held-out sentences measure whether the
-skill was learned rather than memorized; loss on the response) with full, LoRA, QLoRA, GaLore
-and Q-GaLore.
+script generates from Python's standard library (a function's signature and docstring → its
+body: code, a new domain for a base that read prose; held-out functions for eval; loss on the
+response) with full, LoRA, QLoRA, GaLore and Q-GaLore, starting from the base's own loss on it.
 
     python bench/reproduce.py                  # ~30 minutes on two cores; tables + assets/reproduce_*.png
     python bench/reproduce.py --quick          # a couple of minutes, a smoke test of the same code
@@ -47,7 +47,7 @@ from estimator.config import (  # noqa: E402
 )
 from estimator.spec import load_config  # noqa: E402
 from estimator.targets import target_linears  # noqa: E402
-from lowrank.data import load_data, repeat_task  # noqa: E402
+from lowrank.data import code_task, load_data  # noqa: E402
 from lowrank.methods import prepare  # noqa: E402
 from lowrank.step import autocast, measure_step, training_step  # noqa: E402
 from lowrank.train import RunConfig, learning_rate  # noqa: E402
@@ -183,13 +183,13 @@ def pretraining(args) -> list[Result]:
 
 
 def make_task(path: Path) -> Path:
-    """The copying task of lowrank.data.repeat_task as a .jsonl file."""
-    path.write_text("".join(json.dumps(record) + "\n" for record in repeat_task()))
+    """The docstring → body task of lowrank.data.code_task as a .jsonl file."""
+    path.write_text("".join(json.dumps(record) + "\n" for record in code_task()))
     return path
 
 
 def finetuning(args) -> list[Result]:
-    """Pre-train a base with full AdamW, then fine-tune it five ways on the generated copying task."""
+    """Pre-train a base with full AdamW, then fine-tune it five ways on the generated code task."""
     setup = TrainSetup(batch_size=args.batch_size, seq_len=args.seq_len, dtype="fp32")
     base_dir = ROOT / "runs" / "reproduce-base"
     data = load_data(None, None, load_config(args.model).vocab_size, setup.seq_len, setup.batch_size, args.seed,
@@ -200,19 +200,24 @@ def finetuning(args) -> list[Result]:
     model.save_pretrained(base_dir)
     data.tokenizer.save_pretrained(base_dir)
     task = make_task(ROOT / "runs" / "reproduce-task.jsonl")
-    tune_setup = TrainSetup(batch_size=args.batch_size, seq_len=80, dtype="bf16")
+    tune_setup = TrainSetup(batch_size=args.batch_size, seq_len=128, dtype="bf16")
     methods = [("Full AdamW", FullConfig(), 3e-4), ("LoRA r16", LoRAConfig(rank=16), 2e-3),
                ("QLoRA r16", QLoRAConfig(rank=16), 2e-3),
                ("GaLore r64", GaLoreConfig(rank=64, update_proj_gap=50, scale=0.25), 1e-3),
                ("Q-GaLore r64", QGaLoreConfig(rank=64, update_proj_gap=50, scale=0.25), 1e-3)]
+    from transformers import AutoModelForCausalLM
+
+    def task_data():
+        return load_data(str(task), str(base_dir), load_config(args.model).vocab_size, tune_setup.seq_len,
+                         tune_setup.batch_size, args.seed, ROOT / "runs" / ".cache", eval_fraction=0.1)
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir).to(torch.bfloat16)
+    args.base_task_loss = evaluate(base, task_data(), tune_setup, args.eval_batches)
+    print(f"  {'base, not fine-tuned':<22} eval loss {args.base_task_loss:.3f}", file=sys.stderr)
     results = []
     for name, method, lr in methods:
-        from transformers import AutoModelForCausalLM
-
-        tune_data = load_data(str(task), str(base_dir), load_config(args.model).vocab_size, tune_setup.seq_len,
-                              tune_setup.batch_size, args.seed, ROOT / "runs" / ".cache", eval_fraction=0.1)
         model = AutoModelForCausalLM.from_pretrained(base_dir)
-        results.append(run(name, model, method, tune_setup, tune_data, args.finetune_steps, lr, args.eval_batches))
+        results.append(run(name, model, method, tune_setup, task_data(), args.finetune_steps, lr, args.eval_batches))
     return results
 
 
@@ -281,6 +286,8 @@ def main() -> None:
         print(f"\nfine-tuning a pre-trained {args.model} on the generated task", file=sys.stderr)
         results = finetuning(args)
         print("\n" + table(f"Fine-tuning a pre-trained {args.model} (bf16, loss on the response)", results, results[0]))
+        print(f"\nThe base before fine-tuning: eval loss {args.base_task_loss:.3f} "
+              f"(perplexity {math.exp(args.base_task_loss):.1f}) on the task.")
         plot(results, f"fine-tuning {args.model}", out / "reproduce_finetuning.png")
 
 

@@ -82,21 +82,47 @@ def default_documents() -> list[str]:
     return [topics[key] for key in sorted(topics)]
 
 
-def repeat_task(limit: int = 2000, max_words: int = 12) -> list[dict[str, str]]:
-    """A fine-tuning task that generalizes, made from the default corpus: repeat a sentence.
+def code_task(limit: int | None = None, max_lines: int = 6) -> list[dict[str, str]]:
+    """A fine-tuning task in a new domain, made from Python's own standard library: write the body
+    of a function from its signature and docstring.
 
-    {"prompt": "Repeat: <sentence>\\nAnswer:", "response": " <sentence>"} for sentences of 4 to
-    `max_words` words. Held-out sentences can only be repeated by a model that learned to copy,
-    so the eval loss measures the skill, not memory of the training records.
+    {"prompt": "def year(self):\n    \"\"\"year (1-9999)\"\"\"\n", "response": "    return self._year"}
+    for every documented function of the top-level stdlib modules whose body (after the
+    docstring) is 1 to `max_lines` ASCII lines. Code is a different domain from the prose the
+    base was pre-trained on, so every method has something to learn, and held-out functions
+    measure what generalizes. The same records for the same Python version; no internet.
     """
-    import re
+    import ast
+    import sysconfig
 
-    sentences = []
-    for text in default_documents():
-        for sentence in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
-            if 4 <= len(sentence.split(" ")) <= max_words and sentence.isascii():
-                sentences.append(sentence)
-    return [{"prompt": f"Repeat: {s}\nAnswer:", "response": f" {s}"} for s in sentences[:limit]]
+    records = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+            continue
+        lines = source.splitlines()
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or len(node.body) < 2 or not ast.get_docstring(node):
+                continue
+            body = lines[node.body[1].lineno - 1:node.end_lineno]
+            if not 1 <= len(body) <= max_lines or not all(line.isascii() for line in body):
+                continue
+            indent = min(len(line) - len(line.lstrip()) for line in body if line.strip())
+            summary = ast.get_docstring(node).strip().splitlines()[0]
+            record = {"prompt": f'def {node.name}({ast.unparse(node.args)}):\n    """{summary}"""\n',
+                      "response": "\n".join("    " + line[indent:] for line in body)}
+            try:  # a summary ending in a quote or a backslash would not parse
+                ast.parse(record["prompt"] + record["response"])
+            except SyntaxError:
+                continue
+            records.append(record)
+    if len(records) < 100:
+        raise ValueError(f"the Python standard library's sources are missing under "
+                         f"{sysconfig.get_paths()['stdlib']} (found {len(records)} functions); the code task "
+                         "is built from them: use a Python install with its .py files, or upload a .jsonl task")
+    return records[:limit]
 
 
 def _check_file(path: Path) -> None:

@@ -1,15 +1,15 @@
-"""The fine-tuning demo's data: a prompt/response task made from Python's own documentation.
+"""The fine-tuning demo's data: a prompt/response task made from Python's own standard library.
 
 Fine-tuning needs a base that already knows some language (LoRA on a random base barely moves the
-loss), so the demo pre-trains a tiny base on the default corpus first; then every method
-fine-tunes that base on this task — repeat a sentence of the docs:
+loss), so the demo pre-trains a tiny base on the default corpus (Python's documentation) first;
+then every method fine-tunes that base on this task — write a function's body from its signature
+and docstring (lowrank.data.code_task):
 
-    {"prompt": "Repeat: Assignments to \"__debug__\" are illegal.\\nAnswer:",
-     "response": " Assignments to \"__debug__\" are illegal."}
+    {"prompt": "def year(self):\n    \"\"\"year (1-9999)\"\"\"\n", "response": "    return self._year"}
 
-Held-out sentences measure whether a method learned to copy, not whether it memorized the
-training records. `lowrank.data` masks the loss to the response. No internet, same records on
-every machine.
+Code is a new domain for a base that read prose, so the loss falls visibly in a few dozen steps;
+held-out functions show what generalizes. `lowrank.data` masks the loss to the response.
+No internet.
 """
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lowrank.data import repeat_task
+from lowrank.data import code_task
 
 
 def task_records() -> list[dict]:
-    """The task's records: lowrank.data.repeat_task (about 900 sentences of Python's docs)."""
-    return repeat_task()
+    """The task's records: lowrank.data.code_task (about 1,900 functions of the standard library)."""
+    return code_task()
 
 
 def write_task(folder: str | Path) -> Path:
     """The task as a .jsonl file in `folder` (written once)."""
-    path = Path(folder) / "repeat-task.jsonl"
+    path = Path(folder) / "code-task.jsonl"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -26,7 +26,7 @@ from .demo import write_task
 from .runs import Board, RunView
 from .widgets import METHOD_LABELS
 
-DATA_SOURCES = ("Python docs (the default corpus)", "fine-tuning task: repeat sentences of the docs (prompt → response)",
+DATA_SOURCES = ("Python docs (the default corpus)", "fine-tuning task: docstring → code, from the standard library (prompt → response)",
                 "uploaded .txt or .jsonl")
 MAX_DATA_BYTES = 64 << 20
 DEVICES = ("auto", "cpu", "cuda")

@@ -118,14 +118,10 @@ def test_data_choices(tmp_path):
         data_path(DATA_SOURCES[2], str(bad), tmp_path)
 
 
-def test_the_task_asks_to_repeat_a_sentence():
+def test_the_task_asks_for_function_bodies():
     records = task_records()
     assert len(records) > 500
-    for r in records:
-        sentence = r["response"].strip()
-        assert r["prompt"] == f"Repeat: {sentence}\nAnswer:" and r["response"] == f" {sentence}"
-        assert 4 <= len(sentence.split()) <= 12
-
+    assert all(r["prompt"].startswith("def ") and r["response"].startswith("    ") for r in records)
 
 def test_the_fine_tuning_demo_fine_tunes_the_base_it_pre_trained(tmp_path):
     runner, board = Runner(tmp_path), Board()

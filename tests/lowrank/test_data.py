@@ -307,9 +307,15 @@ def test_tokenizer_errors(text_file, cache, tmp_path):
         text_data(text_file, cache, tokenizer_source=str(tmp_path / "tok"), vocab_size=300)
 
 
-def test_repeat_task_is_a_copying_task_from_the_default_corpus():
-    from lowrank.data import repeat_task
+def test_code_task_asks_for_a_function_body_from_its_docstring():
+    import ast
 
-    records = repeat_task(limit=50)
-    assert len(records) == 50 and repeat_task(limit=50) == records
-    assert all(r["prompt"] == f"Repeat: {r['response'][1:]}\nAnswer:" for r in records)
+    from lowrank.data import code_task
+
+    records = code_task()
+    assert len(records) > 1000 and code_task(limit=200) == records[:200]
+    for r in records:
+        assert r["prompt"].startswith("def ") and r["prompt"].endswith('"""\n')
+        body = r["response"].splitlines()
+        assert 1 <= len(body) <= 6 and all(line.startswith("    ") or not line.strip() for line in body)
+        ast.parse(r["prompt"] + r["response"])  # signature, docstring and body: a valid function
