@@ -2,7 +2,7 @@
 adaptive gap vs a fixed one — loss, memory and the number of SVDs.
 
     python bench/ablations.py            # ~30 minutes on two cores; tables + assets/ablation_*.png
-    python bench/ablations.py --part rank  # one table: rank, gap or svd
+    python bench/ablations.py --part rank  # one table: rank, gap, svd or reference
     python bench/ablations.py --quick    # a smoke test
 
 Memory is both predicted (the estimator, for a 7B at batch 1 × 256: where rank matters) and
@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from reproduce import ROOT, MiB, new_model, run  # noqa: E402
+from reproduce import ROOT, MiB, evaluate, new_model, run  # noqa: E402
 
 from estimator.config import GaLoreConfig, QGaLoreConfig, TrainSetup  # noqa: E402
 from estimator.estimate import estimate  # noqa: E402
@@ -85,6 +85,35 @@ def svd_and_adaptive(args) -> list[str]:
     return rows
 
 
+def against_reference(args) -> list[str]:
+    """Is the rank curve GaLore's or ours? The same runs with galore-torch's GaLoreAdamW, both with a
+    constant lr and no clipping (galore-torch has neither schedule nor per-layer clipping)."""
+    from galore_bench import reference_galore
+
+    from lowrank.galore import build_galore_optimizer
+
+    rows = ["### The rank curve with galore-torch", "", "| rank | ours | galore-torch | difference |",
+            "| --- | --- | --- | --- |"]
+    makers = {"ours": build_galore_optimizer, "galore-torch": reference_galore}
+    for rank in args.reference_ranks:
+        losses = {}
+        for label, make in makers.items():
+            data = load_data(None, None, load_config(args.model).vocab_size, args.seq_len, args.batch_size, args.seed,
+                             ROOT / "runs" / ".cache")
+            model = new_model(args.model, args.seed)
+            optimizer = make(model, GaLoreConfig(rank=rank, update_proj_gap=args.gap, scale=0.25), args.lr)
+            for _ in range(args.steps):
+                model(**next(data.train), use_cache=False).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            setup = TrainSetup(batch_size=args.batch_size, seq_len=args.seq_len, dtype="fp32")
+            losses[label] = evaluate(model, data, setup, args.eval_batches)
+            print(f"  rank {rank}, {label:<14} eval loss {losses[label]:.3f}", file=sys.stderr, flush=True)
+        rows.append(f"| {rank} | {losses['ours']:.3f} | {losses['galore-torch']:.3f} | "
+                    f"{100 * (losses['ours'] / losses['galore-torch'] - 1):+.2f}% |")
+    return rows
+
+
 def plot_xy(points, xlabel: str, path: Path, right: str = "measured peak (MiB)") -> None:
     import matplotlib
 
@@ -116,15 +145,17 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rank-lrs", default="3e-3,1e-2", help="learning rates every rank is trained at")
-    parser.add_argument("--part", choices=("all", "rank", "gap", "svd"), default="all")
+    parser.add_argument("--part", choices=("all", "rank", "gap", "svd", "reference"), default="all")
     args = parser.parse_args()
     args.rank_lrs = [float(x) for x in args.rank_lrs.split(",")]
     args.ranks, args.gaps = [8, 16, 32, 64, 128], [10, 50, 200, 1000]  # 128: the K/V width of tiny-llama-5m
+    args.reference_ranks = [16, 64]
     if args.quick:
         args.steps, args.eval_batches, args.ranks, args.gaps = 8, 2, [16, 64], [2, 8]
+        args.reference_ranks = [16]
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
-    sections = {"rank": rank_sweep, "gap": gap_sweep, "svd": svd_and_adaptive}
+    sections = {"rank": rank_sweep, "gap": gap_sweep, "svd": svd_and_adaptive, "reference": against_reference}
     for part, section in sections.items():
         if args.part not in ("all", part):
             continue
