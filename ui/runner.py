@@ -44,8 +44,9 @@ class Runner:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._active: dict[str, Run] = {}  # session -> its worker now
+        self._waiting: set[str] = set()  # sessions whose Start waits in the device queue
         self._busy: set[str] = set()  # sessions inside a sequence of runs
-        self._stop: set[str] = set()  # sessions that pressed Stop during their sequence
+        self._stop: set[str] = set()  # sessions that pressed Stop while waiting or during their sequence
         self._lock = threading.Lock()
 
     def folder(self, name: str) -> Path:
@@ -56,17 +57,34 @@ class Runner:
             out, n = self.root / f"{base}-{n}", n + 1
         return out
 
-    @contextlib.contextmanager
-    def sequence(self, session: str) -> Iterator[None]:
-        """A sequence of runs of this session: a Stop inside it ends the run in progress and skips the rest."""
+    def waiting(self, session: str) -> None:
+        """This session's Start is queued behind another run: a Stop now cancels it before it starts."""
         with self._lock:
             self._stop.discard(session)
+            self._waiting.add(session)
+
+    def is_queued(self, session: str) -> bool:
+        return session in self._waiting and session not in self._busy
+
+    def done_waiting(self, session: str) -> None:
+        with self._lock:
+            self._waiting.discard(session)
+
+    @contextlib.contextmanager
+    def sequence(self, session: str) -> Iterator[None]:
+        """A sequence of runs of this session: a Stop inside it (or while it waited) ends the run in
+        progress and skips the rest."""
+        with self._lock:
+            if session not in self._waiting:
+                self._stop.discard(session)  # started directly, not through the queue
+            self._waiting.discard(session)
             self._busy.add(session)
         try:
             yield
         finally:
             with self._lock:
                 self._busy.discard(session)
+                self._stop.discard(session)
 
     def stop_requested(self, session: str) -> bool:
         return session in self._stop
@@ -90,7 +108,7 @@ class Runner:
     def stop(self, session: str) -> bool:
         """Stop this session's runs (the current one after its step); False when it has none."""
         with self._lock:
-            if session not in self._busy:
+            if session not in self._busy and session not in self._waiting:
                 return False
             self._stop.add(session)
             run = self._active.get(session)

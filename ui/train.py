@@ -69,10 +69,12 @@ class TrainHandlers:
             configs, setup = configs_and_setup(methods, values)
             events = train_methods(self.runner, session_of(request), board, model, configs, setup, steps, lr,
                                    data_path(data, upload, self.runner.root), eval_every, seed, device)
-            first = next(events)  # the checks of every run raise here, before any worker starts
+            first = next(events, None)  # the checks of every run raise here, before any worker starts
         except ValueError as err:
             raise gr.Error(str(err), title="Cannot start") from None
-        yield from stream(chain([first], events), board)
+        finally:
+            self.runner.done_waiting(session_of(request))
+        yield from stream(chain([first] if first else [], events), board)
 
     def start_demo(self, base: str, pretrain_steps: float, finetune_steps: float, methods: list[str], lr: float,
                    eval_every: float, seed: float, device: str, request: gr.Request | None = None, **values):
@@ -82,14 +84,22 @@ class TrainHandlers:
             configs, setup = configs_and_setup(methods, values)
             events = finetune_demo(self.runner, session_of(request), board, base, pretrain_steps, finetune_steps,
                                    configs, setup, lr, eval_every, seed, device)
-            first = next(events)
+            first = next(events, None)
         except ValueError as err:
             raise gr.Error(str(err), title="Cannot start the demo") from None
-        yield from stream(chain([first], events), board)
+        finally:
+            self.runner.done_waiting(session_of(request))
+        yield from stream(chain([first] if first else [], events), board)
+
+    def queue(self, request: gr.Request | None = None) -> None:
+        """Before Start waits for the device: mark this page as waiting, so its Stop can cancel it."""
+        self.runner.waiting(session_of(request))
 
     def stop(self, request: gr.Request | None = None) -> None:
-        if self.runner.stop(session_of(request)):
-            gr.Info("Stopping after the current step…")
+        session = session_of(request)
+        queued = self.runner.is_queued(session)
+        if self.runner.stop(session):
+            gr.Info("Cancelled: the queued runs will not start." if queued else "Stopping after the current step…")
         else:
             gr.Info("No run of this page is in progress.")
 
@@ -181,11 +191,12 @@ def create_train_tab(demo: gr.Blocks, runner: Runner) -> None:
     data.change(lambda c: gr.File(visible=c == DATA_SOURCES[2]), data, upload, queue=False, **private)
     methods.change(show_selected(accordions), methods, list(accordions.values()), queue=False, **private)
     device_queue = dict(concurrency_limit=1, concurrency_id="device", show_progress="hidden", **private)
-    start.click(handlers.start, [model, methods, data, upload, steps, lr, eval_every, seed, device], outputs,
-                inputs_kwargs=widgets, **device_queue).then(handlers.refresh, None, [past, model], **private)
-    demo_start.click(handlers.start_demo, [demo_base, demo_pre, demo_ft, demo_methods, lr, eval_every, seed, device],
-                     outputs, inputs_kwargs=widgets, **device_queue).then(handlers.refresh, None, [past, model],
-                                                                           **private)
+    start.click(handlers.queue, None, None, queue=False, **private).then(
+        handlers.start, [model, methods, data, upload, steps, lr, eval_every, seed, device], outputs,
+        inputs_kwargs=widgets, **device_queue).then(handlers.refresh, None, [past, model], **private)
+    demo_start.click(handlers.queue, None, None, queue=False, **private).then(
+        handlers.start_demo, [demo_base, demo_pre, demo_ft, demo_methods, lr, eval_every, seed, device],
+        outputs, inputs_kwargs=widgets, **device_queue).then(handlers.refresh, None, [past, model], **private)
     stop.click(handlers.stop, None, None, concurrency_limit=None, **private)
     gr.on([refresh.click, demo.load], handlers.refresh, None, [past, model], concurrency_limit=None, **private)
     load.click(handlers.show, past, outputs, concurrency_limit=None, **private)

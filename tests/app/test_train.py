@@ -18,6 +18,15 @@ from ui.runs import Board, RunView, export_run, past_runs, render, results_table
 SETUP = TrainSetup(batch_size=2, seq_len=64, dtype="fp32")
 
 
+def widget_values() -> dict:
+    """The Train tab's batch/precision widgets and every method's options, at their defaults."""
+    from estimator.config import METHODS
+
+    return {"batch_size": 2, "seq_len": 64, "grad_accum": 1, "dtype": "fp32", "autocast": False,
+            "grad_checkpointing": False, "attn_implementation": "sdpa",
+            **{f"{m}__{f.name}": f.default for m, cls in METHODS.items() for f in fields(cls)}}
+
+
 def run_all(events) -> list[dict]:
     return list(events)
 
@@ -161,12 +170,9 @@ def test_board_folds_worker_events():
 def test_the_tab_handlers_turn_bad_widget_values_into_messages(tmp_path):
     import gradio as gr
 
-    from estimator.config import METHODS
     from ui.train import TrainHandlers
 
-    values = {"batch_size": 2, "seq_len": 64, "grad_accum": 1, "dtype": "fp32", "autocast": False,
-              "grad_checkpointing": False, "attn_implementation": "sdpa",
-              **{f"{m}__{f.name}": f.default for m, cls in METHODS.items() for f in fields(cls)}}
+    values = widget_values()
     handlers = TrainHandlers(Runner(tmp_path))
     with pytest.raises(gr.Error, match="rank=512 is above"):
         next(handlers.start("tiny-llama-5m", ["lora"], DATA_SOURCES[0], None, 5, 0, 0, 0, "cpu",
@@ -181,3 +187,33 @@ def test_the_tab_handlers_turn_bad_widget_values_into_messages(tmp_path):
     with pytest.raises(gr.Error, match="pick one or more past runs"):
         handlers.show([])
     assert not list(tmp_path.glob("*/config.json"))  # no worker was started
+
+
+def test_a_stop_while_queued_cancels_the_runs_before_they_start(tmp_path):
+    """Start waits in the device queue behind another page's run; Stop then cancels it, and the
+    page's next Start is not affected."""
+    import gradio as gr
+
+    from ui.train import TrainHandlers, session_of
+
+    values = widget_values()
+    runner = Runner(tmp_path)
+    handlers = TrainHandlers(runner)
+    session = session_of(None)
+    handlers.queue()
+    assert runner.is_queued(session)
+    with pytest.MonkeyPatch.context() as patch:
+        infos = []
+        patch.setattr(gr, "Info", infos.append)
+        handlers.stop()
+    assert infos == ["Cancelled: the queued runs will not start."]
+    outputs = list(handlers.start("tiny-llama-5m", ["lora", "galore"], DATA_SOURCES[0], None, 2, 0, 0, 0, "cpu",
+                                  **values))
+    assert len(outputs) == 1 and "Stopped: 0 of 2 runs completed" in outputs[-1][0]
+    assert not list(tmp_path.glob("*/config.json"))  # no worker was started
+    assert not runner.is_queued(session) and not runner.stop(session)
+
+    handlers.queue()  # the next Start runs
+    board_text = list(handlers.start("tiny-llama-5m", ["lora"], DATA_SOURCES[0], None, 2, 0, 0, 0, "cpu",
+                                     **values))[-1][0]
+    assert "Done: 1 of 1 runs completed" in board_text
