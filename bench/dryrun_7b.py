@@ -32,12 +32,12 @@ from estimator.estimate import estimate  # noqa: E402
 from lowrank.dryrun import CUDA_FALLBACK, dry_run, resolve_device  # noqa: E402
 from lowrank.memory import CATEGORIES  # noqa: E402
 
-METHODS = {
-    "full": FullConfig(),
-    "lora": LoRAConfig(rank=64, targets="all-linear"),
-    "qlora": QLoRAConfig(rank=64, targets="all-linear"),
-    "galore": GaLoreConfig(rank=1024, optimizer="adamw8bit", layerwise=True),
-    "qgalore": QGaLoreConfig(rank=1024),
+METHODS = {  # name: (label, method) — also the 7B rows of bench/estimator_accuracy.py
+    "full": ("full AdamW", FullConfig()),
+    "lora": ("LoRA r64", LoRAConfig(rank=64, targets="all-linear")),
+    "qlora": ("QLoRA r64", QLoRAConfig(rank=64, targets="all-linear")),
+    "galore": ("GaLore r1024 8-bit layer-wise", GaLoreConfig(rank=1024, optimizer="adamw8bit", layerwise=True)),
+    "qgalore": ("Q-GaLore r1024", QGaLoreConfig(rank=1024)),
 }
 GiB = 2**30
 
@@ -57,7 +57,7 @@ def main() -> None:
     print(head + "".join(f" {c:>11}" for c in CATEGORIES) + f" {'max RSS':>9}")
     rows = []
     for name in args.methods.split(","):
-        method = METHODS[name]
+        _, method = METHODS[name]
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

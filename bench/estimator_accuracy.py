@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from estimator.config import (  # noqa: E402
     FullConfig,
@@ -87,14 +88,13 @@ def row(model: str, label: str, setting: str, predicted: dict, measured: dict) -
 
 
 def dry_run_rows() -> list[str]:
+    from dryrun_7b import METHODS as SEVEN_B
+
     from lowrank.dryrun import dry_run
 
     setup = TrainSetup(batch_size=1, seq_len=256)
-    methods = [("full AdamW", FullConfig()), ("LoRA r64", LoRAConfig(rank=64)), ("QLoRA r64", QLoRAConfig(rank=64)),
-               ("GaLore r1024 8-bit layer-wise", GaLoreConfig(rank=1024, optimizer="adamw8bit", layerwise=True)),
-               ("Q-GaLore r1024", QGaLoreConfig(rank=1024))]
     rows = []
-    for label, method in methods:
+    for label, method in SEVEN_B.values():
         start = time.perf_counter()
         measured = dry_run("llama-7b", method, setup, device="cuda").to_dict()
         seconds = time.perf_counter() - start

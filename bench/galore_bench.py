@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from estimator.config import GaLoreConfig  # noqa: E402
 from lowrank.galore import build_galore_optimizer, galore_param_groups  # noqa: E402
-from lowrank.memory import MemoryTracker  # noqa: E402
 from lowrank.projector import GaLoreProjector  # noqa: E402
+from lowrank.step import measure_optimizer_step  # noqa: E402
 
 MODELS = {  # hidden, intermediate, heads, layers, vocab
     "llama-60m": (512, 1376, 8, 8, 32000),  # the GaLore paper's smallest model
@@ -224,13 +224,7 @@ def state_table(name: str, rank: int) -> None:
             for _ in range(2):  # the second step is steady state: states exist
                 for p in model.parameters():
                     p.grad = torch.randn_like(p)
-                tracker = MemoryTracker()
-                tracker.watch_model(model)
-                tracker.watch_optimizer(optimizer)
-                with tracker:
-                    tracker.phase("optimizer")
-                    optimizer.step()
-                transient.append(tracker.result().breakdown["transient"])
+                transient.append(measure_optimizer_step(model, optimizer).breakdown["transient"])
         except Exception as error:  # galore-torch's 8-bit optimizer needs CUDA
             print(f"{label:<24}{dtype_name:>6}   fails on CPU: {type(error).__name__}: {str(error)[:60]}")
             continue

@@ -27,7 +27,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -116,12 +116,11 @@ def run(name: str, model: nn.Module, method: MethodConfig, setup: TrainSetup, da
         eval_batches: int) -> Result:
     """Train `steps` steps with the trainer's schedule; measure step 2 by category."""
     schedule = RunConfig(model="-", out="-", steps=steps)
-    if isinstance(method, LoRAWithEmbeddings):  # prepare() knows the plain LoRAConfig
-        prepared = prepare(model, LoRAConfig(**{f.name: getattr(method, f.name) for f in fields(LoRAConfig) if f.init}),
-                           setup, lr, grad_clip=1.0)
-    else:
-        prepared = prepare(model, method, setup, lr, grad_clip=1.0)
-    if isinstance(method, LoRAWithEmbeddings):
+    with_embeddings = isinstance(method, LoRAWithEmbeddings)
+    if with_embeddings:  # prepare() dispatches on the exact type: apply plain LoRA, then unfreeze
+        method = LoRAConfig(**{k: v for k, v in method.to_dict().items() if k != "method"})
+    prepared = prepare(model, method, setup, lr, grad_clip=1.0)
+    if with_embeddings:
         from lowrank.full import build_optimizer
 
         unfreeze_non_linear(prepared.model)

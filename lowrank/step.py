@@ -63,6 +63,17 @@ def training_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dic
     return float(total)
 
 
+def measure_optimizer_step(model: torch.nn.Module, optimizer) -> Measured:
+    """The optimizer's step alone under a MemoryTracker, gradients already in place."""
+    tracker = MemoryTracker()
+    tracker.watch_model(model)
+    tracker.watch_optimizer(optimizer)
+    with tracker:
+        tracker.phase("optimizer")
+        optimizer.step()
+    return tracker.result()
+
+
 def measure_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dict], setup: TrainSetup,
                  grad_clip: float | None = None, stats: dict | None = None) -> tuple[float, Measured]:
     """`training_step` under a MemoryTracker: the loss and the measured peak by category.

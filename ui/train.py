@@ -64,32 +64,35 @@ class TrainHandlers:
     def start(self, model: str, methods: list[str], data: str, upload: str | None, steps: float, lr: float,
               eval_every: float, seed: float, device: str, request: gr.Request | None = None, **values):
         """Start: the chosen methods one after another (a generator of page outputs)."""
-        board = Board()
-        try:
+        def events(session: str, board: Board) -> Iterator[dict]:
             configs, setup = configs_and_setup(methods, values)
-            events = train_methods(self.runner, session_of(request), board, model, configs, setup, steps, lr,
-                                   data_path(data, upload, self.runner.root), eval_every, seed, device)
-            first = next(events, None)  # the checks of every run raise here, before any worker starts
-        except ValueError as err:
-            raise gr.Error(str(err), title="Cannot start") from None
-        finally:
-            self.runner.done_waiting(session_of(request))
-        yield from stream(chain([first] if first else [], events), board)
+            return train_methods(self.runner, session, board, model, configs, setup, steps, lr,
+                                 data_path(data, upload, self.runner.root), eval_every, seed, device)
+
+        yield from self._launch(request, events, "Cannot start")
 
     def start_demo(self, base: str, pretrain_steps: float, finetune_steps: float, methods: list[str], lr: float,
                    eval_every: float, seed: float, device: str, request: gr.Request | None = None, **values):
         """The fine-tuning demo: pre-train `base`, then fine-tune it with each method."""
-        board = Board()
-        try:
+        def events(session: str, board: Board) -> Iterator[dict]:
             configs, setup = configs_and_setup(methods, values)
-            events = finetune_demo(self.runner, session_of(request), board, base, pretrain_steps, finetune_steps,
-                                   configs, setup, lr, eval_every, seed, device)
-            first = next(events, None)
+            return finetune_demo(self.runner, session, board, base, pretrain_steps, finetune_steps, configs, setup,
+                                 lr, eval_every, seed, device)
+
+        yield from self._launch(request, events, "Cannot start the demo")
+
+    def _launch(self, request: gr.Request | None, events, title: str) -> Iterator[tuple]:
+        """Check everything (the first step of `events` raises on bad input, before any worker starts),
+        leave the queue, then stream the page's outputs."""
+        session, board = session_of(request), Board()
+        try:
+            running = events(session, board)
+            first = next(running, None)  # None: every run was skipped (a Stop while queued)
         except ValueError as err:
-            raise gr.Error(str(err), title="Cannot start the demo") from None
+            raise gr.Error(str(err), title=title) from None
         finally:
-            self.runner.done_waiting(session_of(request))
-        yield from stream(chain([first] if first else [], events), board)
+            self.runner.done_waiting(session)
+        yield from stream(chain([first] if first else [], running), board)
 
     def queue(self, request: gr.Request | None = None) -> None:
         """Before Start waits for the device: mark this page as waiting, so its Stop can cancel it."""
