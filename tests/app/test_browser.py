@@ -72,6 +72,7 @@ def bar(traces: list[dict], category: str, method: str) -> float:
 
 def set_number(page, elem_id: str, value: int) -> None:
     box = page.locator(f"#{elem_id} input[type=number]")
+    box.wait_for(state="visible")
     box.fill(str(value))
     box.press("Enter")
 
@@ -79,13 +80,22 @@ def set_number(page, elem_id: str, value: int) -> None:
 def test_plan_chart_follows_a_method_option(page, shots):
     before = bar(plot(page, "plan-breakdown"), "adapters", "lora")
     page.locator("#plan-lora-options").get_by_text("LoRA options").click()
-    set_number(page, "plan-lora-rank", 64)
 
     def adapters_grew():
         """LoRA's adapters bar to grow with the rank"""
         return bar(plot(page, "plan-breakdown"), "adapters", "lora") > 7 * before
 
-    wait_until(adapters_grew)
+    # On a loaded machine the first keystrokes can land before the freshly opened accordion's
+    # input is wired up (seen once in CI: the chart never changed); type again, a new value each
+    # time so the change is real, before giving up
+    for attempt, rank in enumerate((64, 72, 96)):
+        set_number(page, "plan-lora-rank", rank)
+        try:
+            wait_until(adapters_grew, timeout=WAIT_S / 3)
+            break
+        except AssertionError:
+            if attempt == 2:
+                raise
     assert "llama-7b" in page.locator("#plan-notes").inner_text()
     page.screenshot(path=str(shots / "plan.png"), full_page=True)
 
