@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,19 @@ def test_malformed_config_file(tmp_path):
     path.write_text("{oops")
     result = run(str(path), "--method", "full")
     assert result.returncode == 2 and "not valid JSON" in result.stderr
+
+
+PINNED = Path(__file__).parent / "pinned"
+
+
+@pytest.mark.parametrize("args,pinned", [
+    (["llama-7b", "--method", "galore", "--rank", "1024", "--optimizer", "adamw8bit", "--layerwise",
+      "--batch-size", "1", "--seq-len", "256"], "galore-7b.txt"),
+    (["tiny-llama-20m", "--method", "qlora", "--rank", "16", "--batch-size", "2", "--seq-len", "128",
+      "--grad-checkpointing", "--json", "--gpus", "--max-batch-size", "RTX 4090"], "qlora-20m.json"),
+], ids=["text", "json"])
+def test_output_is_pinned(args, pinned, capsys):
+    """The readable table and the JSON object, byte for byte as recorded (tests/estimator/pinned):
+    a refactor that changes a number or the layout fails here."""
+    assert main(args) == 0
+    assert capsys.readouterr().out == (PINNED / pinned).read_text()
