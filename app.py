@@ -35,9 +35,9 @@ def device_line() -> str:
     return "Training device: **CPU** (no CUDA GPU found): the tiny presets train in seconds to minutes."
 
 
-def build_ui(runs_root: str | Path = RUNS) -> gr.Blocks:
-    """The whole app; `runs_root` holds one folder per training run."""
-    runner = Runner(runs_root)
+def build_ui(runs_root: str | Path = RUNS, runner: Runner | None = None) -> gr.Blocks:
+    """The whole app; `runs_root` holds one folder per training run (`runner`: its workers)."""
+    runner = runner or Runner(runs_root)
     atexit.register(runner.stop_all)  # no worker outlives the app
     with gr.Blocks(title="lowrank-memory") as demo:
         gr.Markdown("# lowrank-memory\nPredict, run and measure the memory of one training step with full "
@@ -49,15 +49,16 @@ def build_ui(runs_root: str | Path = RUNS) -> gr.Blocks:
                 create_train_tab(demo, runner)
             with gr.Tab("Dry run", id="dryrun"):
                 create_dryrun_tab(Path(runs_root))
-    demo.runner = runner
     return demo
 
 
-def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kwargs):
-    """Serve `demo`: the queue keeps each event's own concurrency limit (training: one per device)."""
+def launch(demo: gr.Blocks, runs_root: str | Path = RUNS, host: str = "127.0.0.1", port: int = 7860,
+           share: bool = False, **kwargs):
+    """Serve `demo`: the queue keeps each event's own concurrency limit (training: one per device);
+    files under `runs_root` (downloads) may be served."""
     return demo.queue(default_concurrency_limit=None).launch(
         server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD,
-        allowed_paths=[str(demo.runner.root)], **kwargs)
+        allowed_paths=[str(Path(runs_root))], **kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.share or args.host not in ("127.0.0.1", "localhost"):
         print("warning: the app is reachable beyond this machine: anyone who can open it may load local model "
               f"folders by path, start training runs, and download files under {args.runs}", file=sys.stderr)
-    launch(build_ui(args.runs), args.host, args.port, args.share)
+    launch(build_ui(args.runs), args.runs, args.host, args.port, args.share)
 
 
 if __name__ == "__main__":

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import torch
 
+from estimator.config import GaLoreConfig, QGaLoreConfig, TrainSetup
+from estimator.estimate import estimate
+from estimator.spec import load_config
+from lowrank.data import load_data
+from lowrank.methods import Prepared
+from lowrank.recipe import RunSpec, evaluate, run_steps, session_for_model
+
+from reproduce import ROOT, MiB, new_model, run
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-
-from reproduce import ROOT, MiB, evaluate, new_model, run  # noqa: E402
-
-from estimator.config import GaLoreConfig, QGaLoreConfig, TrainSetup  # noqa: E402
-from estimator.estimate import estimate  # noqa: E402
-from estimator.spec import load_config  # noqa: E402
-from lowrank.data import load_data  # noqa: E402
 
 GiB = 2**30
 
@@ -90,24 +90,23 @@ def against_reference(args) -> list[str]:
     constant lr and no clipping (galore-torch has neither schedule nor per-layer clipping)."""
     from galore_bench import reference_galore
 
-    from lowrank.galore import build_galore_optimizer
-
     rows = ["### The rank curve with galore-torch", "", "| rank | ours | galore-torch | difference |",
             "| --- | --- | --- | --- |"]
-    makers = {"ours": build_galore_optimizer, "galore-torch": reference_galore}
+    setup = TrainSetup(batch_size=args.batch_size, seq_len=args.seq_len, dtype="fp32")
     for rank in args.reference_ranks:
         losses = {}
-        for label, make in makers.items():
+        for label in ("ours", "galore-torch"):
             data = load_data(None, None, load_config(args.model).vocab_size, args.seq_len, args.batch_size, args.seed,
                              ROOT / "runs" / ".cache")
-            model = new_model(args.model, args.seed)
-            optimizer = make(model, GaLoreConfig(rank=rank, update_proj_gap=args.gap, scale=0.25), args.lr)
-            for _ in range(args.steps):
-                model(**next(data.train), use_cache=False).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            setup = TrainSetup(batch_size=args.batch_size, seq_len=args.seq_len, dtype="fp32")
-            losses[label] = evaluate(model, data, setup, args.eval_batches)
+            cfg = GaLoreConfig(rank=rank, update_proj_gap=args.gap, scale=0.25)
+            spec = RunSpec(label, cfg, setup, steps=args.steps, lr=args.lr, warmup=0, min_lr_ratio=1.0, grad_clip=None,
+                           eval_batches=args.eval_batches)  # a constant lr, no clipping: what galore-torch does
+            session = session_for_model(spec, new_model(args.model, args.seed), data)
+            if label == "galore-torch":
+                model = session.prepared.model
+                session.prepared = Prepared(model, reference_galore(model, cfg, args.lr), cfg)
+            list(run_steps(session))
+            losses[label] = evaluate(session)
             print(f"  rank {rank}, {label:<14} eval loss {losses[label]:.3f}", file=sys.stderr, flush=True)
         rows.append(f"| {rank} | {losses['ours']:.3f} | {losses['galore-torch']:.3f} | "
                     f"{100 * (losses['ours'] / losses['galore-torch'] - 1):+.2f}% |")

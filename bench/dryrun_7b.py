@@ -13,24 +13,14 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from estimator.config import (  # noqa: E402
-    FullConfig,
-    GaLoreConfig,
-    LoRAConfig,
-    QGaLoreConfig,
-    QLoRAConfig,
-    TrainSetup,
-)
-from estimator.estimate import estimate  # noqa: E402
-from lowrank.dryrun import CUDA_FALLBACK, dry_run, resolve_device  # noqa: E402
-from lowrank.memory import CATEGORIES  # noqa: E402
+from estimator.config import FullConfig, GaLoreConfig, LoRAConfig, QGaLoreConfig, QLoRAConfig, TrainSetup
+from estimator.constants import CATEGORIES
+from estimator.estimate import estimate
+from lowrank.device import FAKE_CUDA_FALLBACK, resolve_device
+from lowrank.dryrun import dry_run
 
 METHODS = {  # name: (label, method) — also the 7B rows of bench/estimator_accuracy.py
     "full": ("full AdamW", FullConfig()),
@@ -49,9 +39,9 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     args = parser.parse_args()
     setup = TrainSetup(batch_size=1, seq_len=256, dtype="bf16")
-    device = resolve_device(args.device).type
+    device = resolve_device(args.device, fake=True).type
     if device != args.device:
-        print(f"note: {CUDA_FALLBACK}")
+        print(f"note: {FAKE_CUDA_FALLBACK}")
     print(f"{args.model} · bf16 · batch 1 × 256 · fake device {device}\n")
     head = f"{'method':<8} {'time':>7} {'measured':>10} {'estimate':>10} {'error':>7} {'phase (meas/est)':>20}"
     print(head + "".join(f" {c:>11}" for c in CATEGORIES) + f" {'max RSS':>9}")

@@ -14,29 +14,17 @@ Targets: the peak within 5%, and every category holding ≥10% of the peak withi
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from estimator.config import (  # noqa: E402
-    FullConfig,
-    GaLoreConfig,
-    LoRAConfig,
-    QGaLoreConfig,
-    QLoRAConfig,
-    TrainSetup,
-)
-from estimator.estimate import estimate_spec  # noqa: E402
-from estimator.spec import load_config, load_spec  # noqa: E402
-from lowrank.methods import prepare  # noqa: E402
-from lowrank.report import compare_memory  # noqa: E402
-from lowrank.step import measure_step, training_step  # noqa: E402
+from estimator.config import FullConfig, GaLoreConfig, LoRAConfig, QGaLoreConfig, QLoRAConfig, TrainSetup
+from estimator.estimate import estimate_spec
+from estimator.spec import load_config, load_spec
+from lowrank.methods import prepare
+from lowrank.report import compare_memory
+from lowrank.step import measure_steady_step
 
 MiB = 2**20
 METHODS = [
@@ -65,12 +53,7 @@ def measure(model_name: str, method, setup: TrainSetup, device: str = "cpu") -> 
     prepared = prepare(model, method, setup, lr=1e-4)
     ids = torch.randint(0, config.vocab_size, (setup.batch_size, setup.seq_len), device=device)
     batches = [{"input_ids": ids, "labels": ids}] * setup.grad_accum
-    training_step(prepared.model, prepared.optimizer, batches, setup)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    _, measured = measure_step(prepared.model, prepared.optimizer, batches, setup)
-    measured = measured.to_dict()
+    measured = measure_steady_step(prepared, batches, setup).to_dict()
     if device == "cuda":
         measured["tracker_peak_bytes"] = measured["peak_bytes"]
         measured["peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -88,9 +71,9 @@ def row(model: str, label: str, setting: str, predicted: dict, measured: dict) -
 
 
 def dry_run_rows() -> list[str]:
-    from dryrun_7b import METHODS as SEVEN_B
-
     from lowrank.dryrun import dry_run
+
+    from dryrun_7b import METHODS as SEVEN_B
 
     setup = TrainSetup(batch_size=1, seq_len=256)
     rows = []

@@ -9,15 +9,11 @@ Targets: one estimate ≤ 1 ms, a full fit table ≤ 100 ms.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from functools import partial
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from estimator.config import FullConfig, GaLoreConfig, LoRAConfig, QGaLoreConfig, QLoRAConfig, TrainSetup
-from estimator.estimate import estimate_spec  # noqa: E402
+from estimator.estimate import estimate_spec
 from estimator.gpus import fit_table, gpu_catalog, max_batch_size
 from estimator.spec import _load_spec_cached, load_spec
 

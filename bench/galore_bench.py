@@ -10,7 +10,7 @@
    storages: a view keeps its base alive) and the transient peak of the optimizer step measured
    with lowrank.memory.MemoryTracker, ours (fp32, bf16, 8-bit) against galore-torch.
 
-    python bench/galore_bench.py             # ~10 minutes on one thread (most of it: exact SVDs)
+    python bench/galore_bench.py             # ~10 minutes on one thread (most of it: exact SVDs; pip install -e . first)
     python bench/galore_bench.py --quick     # smaller shapes and models, under a minute
 """
 
@@ -19,19 +19,17 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from estimator.config import GaLoreConfig  # noqa: E402
-from lowrank.galore import build_galore_optimizer, galore_param_groups  # noqa: E402
-from lowrank.projector import GaLoreProjector  # noqa: E402
-from lowrank.step import measure_optimizer_step  # noqa: E402
+from estimator.config import GaLoreConfig, TrainSetup
+from lowrank.galore import build_galore_optimizer, galore_param_groups
+from lowrank.methods import LowRankOptimizer, Prepared
+from lowrank.projector import GaLoreProjector
+from lowrank.recipe import evaluate_model
+from lowrank.step import measure_optimizer_step, train_on
 
 MODELS = {  # hidden, intermediate, heads, layers, vocab
     "llama-60m": (512, 1376, 8, 8, 32000),  # the GaLore paper's smallest model
@@ -111,18 +109,25 @@ def text_batches(n: int, batch: int, seq: int, seed: int) -> list[torch.Tensor]:
     return [torch.stack([data[s:s + seq] for s in row]) for row in starts]
 
 
+def prepared(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Prepared:
+    """Any optimizer, ours or galore-torch's, as the training step takes it (no clipping)."""
+    lowrank = optimizer if isinstance(optimizer, LowRankOptimizer) else None
+    return Prepared(model, optimizer, GaLoreConfig(), lowrank=lowrank)
+
+
+def as_batches(data: list[torch.Tensor]) -> list[dict]:
+    return [{"input_ids": x, "labels": x} for x in data]
+
+
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: list[torch.Tensor]) -> float:
+    """Seconds for one step per batch (lowrank.step.train_on), at the optimizer's own lr."""
     start = time.perf_counter()
-    for x in data:
-        model(input_ids=x, labels=x, use_cache=False).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_on(prepared(model, optimizer), as_batches(data), TrainSetup(dtype="fp32"))
     return time.perf_counter() - start
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, data: list[torch.Tensor]) -> float:
-    return statistics.mean(model(input_ids=x, labels=x, use_cache=False).loss.item() for x in data)
+    return evaluate_model(model, as_batches(data), TrainSetup(dtype="fp32"))
 
 
 def loss_table(name: str, steps: int, rank: int, gap: int, batch: int, seq: int) -> None:
@@ -224,7 +229,7 @@ def state_table(name: str, rank: int) -> None:
             for _ in range(2):  # the second step is steady state: states exist
                 for p in model.parameters():
                     p.grad = torch.randn_like(p)
-                transient.append(measure_optimizer_step(model, optimizer).breakdown["transient"])
+                transient.append(measure_optimizer_step(prepared(model, optimizer)).breakdown["transient"])
         except Exception as error:  # galore-torch's 8-bit optimizer needs CUDA
             print(f"{label:<24}{dtype_name:>6}   fails on CPU: {type(error).__name__}: {str(error)[:60]}")
             continue

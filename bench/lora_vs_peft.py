@@ -17,19 +17,16 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from estimator.config import LoRAConfig  # noqa: E402
-from estimator.targets import target_linears  # noqa: E402
-from lowrank.lora import apply_lora, lora_parameters  # noqa: E402
-from lowrank.memory import MemoryTracker  # noqa: E402
+from estimator.config import LoRAConfig, TrainSetup
+from estimator.targets import target_linears
+from lowrank.lora import apply_lora, lora_parameters
+from lowrank.methods import Prepared
+from lowrank.step import measure_step, training_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODELS = {  # hidden, intermediate, heads, kv heads, layers, vocab
@@ -63,34 +60,20 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor,
-         tracker: MemoryTracker | None = None) -> None:
-    phase = tracker.phase if tracker is not None else (lambda _name: None)
-    phase("forward")
-    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    phase("backward")
-    loss.backward()
-    phase("optimizer")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+SETUP = TrainSetup()  # no autocast; the models are already in their dtype
 
 
-def peak_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> int:
-    tracker = MemoryTracker()
-    tracker.watch_model(model)
-    tracker.watch_optimizer(optimizer)
-    with tracker:
-        step(model, optimizer, ids, tracker)
-    return tracker.result().peak_bytes
+def peak_bytes(prepared: Prepared, ids: torch.Tensor) -> int:
+    return measure_step(prepared, [{"input_ids": ids, "labels": ids}], SETUP)[1].peak_bytes
 
 
-def timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor, cpu_time: bool) -> float:
-    """Seconds of one step: wall clock (CUDA synchronized), or this thread's CPU time."""
+def timed_step(prepared: Prepared, ids: torch.Tensor, cpu_time: bool) -> float:
+    """Seconds of one training step (lowrank.step): wall clock (CUDA synchronized), or this thread's CPU time."""
     clock = time.thread_time if cpu_time else time.perf_counter
     if ids.is_cuda:
         torch.cuda.synchronize()
     start = clock()
-    step(model, optimizer, ids)
+    training_step(prepared, [{"input_ids": ids, "labels": ids}], SETUP)
     if ids.is_cuda:
         torch.cuda.synchronize()
     return clock() - start
@@ -99,21 +82,21 @@ def timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: to
 def compare(args: argparse.Namespace, dtype: str, rank: int) -> dict:
     cfg = LoRAConfig(rank=rank, alpha=2 * rank, targets="all-linear")
     base = build_model(args.model, DTYPES[dtype]).to(args.device)
-    models = {"ours": apply_lora(copy.deepcopy(base), cfg), "peft": peft_lora(base, cfg)}
-    optimizers = {"ours": torch.optim.AdamW(lora_parameters(models["ours"]), lr=1e-4),
-                  "peft": torch.optim.AdamW(trainable(models["peft"]), lr=1e-4)}
+    ours, theirs = apply_lora(copy.deepcopy(base), cfg), peft_lora(base, cfg)
+    runs = {"ours": Prepared(ours, torch.optim.AdamW(lora_parameters(ours), lr=1e-4), cfg),
+            "peft": Prepared(theirs, torch.optim.AdamW(trainable(theirs), lr=1e-4), cfg)}
     ids = torch.randint(0, MODELS[args.model][-1], (args.batch_size, args.seq_len),
                         generator=torch.Generator().manual_seed(0)).to(args.device)
     times: dict[str, list[float]] = {"ours": [], "peft": []}
     for i in range(args.warmup + args.steps):
         for name in ("ours", "peft") if i % 2 == 0 else ("peft", "ours"):
-            seconds = timed_step(models[name], optimizers[name], ids, args.cpu_time)
+            seconds = timed_step(runs[name], ids, args.cpu_time)
             if i >= args.warmup:
                 times[name].append(seconds)
     row = {"dtype": dtype, "rank": rank}
     for name in ("ours", "peft"):
         row[f"{name}_ms"] = 1000 * statistics.median(times[name])
-        row[f"{name}_peak"] = peak_bytes(models[name], optimizers[name], ids)
+        row[f"{name}_peak"] = peak_bytes(runs[name], ids)
     row["ratio"] = row["ours_ms"] / row["peft_ms"]
     row["min_ratio"] = min(times["ours"]) / min(times["peft"])  # less sensitive to load from other processes
     return row

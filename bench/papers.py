@@ -18,15 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict, dataclass
 from functools import cache
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from estimator import memory as mem  # noqa: E402
-from estimator.config import (  # noqa: E402
+from estimator import memory as mem
+from estimator.config import (
     FullConfig,
     GaLoreConfig,
     LoRAConfig,
@@ -35,8 +31,8 @@ from estimator.config import (  # noqa: E402
     QLoRAConfig,
     TrainSetup,
 )
-from estimator.estimate import Estimate, estimate_spec  # noqa: E402
-from estimator.spec import ModelSpec, load_spec, preset_table, spec_from_config  # noqa: E402
+from estimator.estimate import Estimate, estimate_spec
+from estimator.spec import ModelSpec, load_spec, preset_table, spec_from_config
 
 UNITS = {"GB": 1e9, "MB": 1e6}
 LARGE = 10.0  # % difference above which a row needs a reason

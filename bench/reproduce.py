@@ -15,8 +15,9 @@ response) with full, LoRA, QLoRA, GaLore and Q-GaLore, starting from the base's 
     python bench/reproduce.py --quick          # a couple of minutes, a smoke test of the same code
     python bench/reproduce.py --part finetune  # just one part
 
-Every run uses the building blocks of `python -m lowrank.train` (lowrank.data, lowrank.methods,
-lowrank.step); memory is the measured peak of one steady-state step (live tensor storages).
+Every run is the recipe of `python -m lowrank.train` (lowrank/recipe.py: its schedule, clipping,
+steps and evaluation) over a model built here; memory is the measured peak of one steady-state
+step (live tensor storages). Needs the packages installed (`pip install -e .`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import argparse
 import json
 import math
 import sys
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from estimator.config import (  # noqa: E402
+from estimator.config import (
     FullConfig,
     GaLoreConfig,
     LoRAConfig,
@@ -45,12 +42,13 @@ from estimator.config import (  # noqa: E402
     QLoRAConfig,
     TrainSetup,
 )
-from estimator.spec import load_config  # noqa: E402
-from estimator.targets import target_linears  # noqa: E402
-from lowrank.data import code_task, load_data  # noqa: E402
-from lowrank.methods import prepare  # noqa: E402
-from lowrank.step import autocast, measure_step, training_step  # noqa: E402
-from lowrank.train import RunConfig, learning_rate  # noqa: E402
+from estimator.spec import load_config
+from estimator.targets import target_linears
+from lowrank.data import code_task, load_data
+from lowrank.full import build_optimizer
+from lowrank.recipe import RunSpec, evaluate, evaluate_model, run_steps, session_for_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MiB = 2**20
 
@@ -101,51 +99,25 @@ def factorize(model: nn.Module, rank: int) -> nn.Module:
     return model
 
 
-@torch.no_grad()
-def evaluate(model, data, setup: TrainSetup, batches: int) -> float:
-    model.eval()
-    losses = []
-    for batch in data.eval_batches(batches):
-        with autocast(setup, "cpu"):
-            losses.append(float(model(**batch, use_cache=False).loss))
-    model.train()
-    return sum(losses) / len(losses)
-
-
 def run(name: str, model: nn.Module, method: MethodConfig, setup: TrainSetup, data, steps: int, lr: float,
         eval_batches: int) -> Result:
-    """Train `steps` steps with the trainer's schedule; measure step 2 by category."""
-    schedule = RunConfig(model="-", out="-", steps=steps)
-    with_embeddings = isinstance(method, LoRAWithEmbeddings)
-    if with_embeddings:  # prepare() dispatches on the exact type: apply plain LoRA, then unfreeze
-        method = LoRAConfig(**{k: v for k, v in method.to_dict().items() if k != "method"})
-    prepared = prepare(model, method, setup, lr, grad_clip=1.0)
-    if with_embeddings:
-        from lowrank.full import build_optimizer
-
-        unfreeze_non_linear(prepared.model)
-        prepared.optimizer = build_optimizer(prepared.model.parameters(), method.optimizer, lr)
-    clip = 1.0 if prepared.clip_in_loop else None
-    result = Result(name, trainable=prepared.trainable_parameters())
-    start = time.perf_counter()
-    for step in range(steps):
-        for group in prepared.optimizer.param_groups:
-            group["lr"] = learning_rate(step, lr, schedule)
-        batches = [next(data.train) for _ in range(setup.grad_accum)]
-        if step == 1:
-            loss, measured = measure_step(prepared.model, prepared.optimizer, batches, setup, clip)
-            result.peak_bytes = measured.peak_bytes
-        else:
-            loss = training_step(prepared.model, prepared.optimizer, batches, setup, clip)
-        result.losses.append(loss)
-    seconds = time.perf_counter() - start
-    result.seconds = seconds
-    result.tokens_per_s = steps * setup.tokens * setup.grad_accum / seconds
-    if hasattr(prepared.optimizer, "layer_info"):
-        result.svd_count = sum(row["svd_count"] for row in prepared.optimizer.layer_info())
-    result.eval_loss = evaluate(prepared.model, data, setup, eval_batches)
+    """Train `steps` steps with the trainer's recipe; step 2 is measured by category."""
+    spec = RunSpec(name, method, setup, steps=steps, lr=lr, eval_batches=eval_batches)
+    session = session_for_model(spec, model, data)
+    if isinstance(method, LoRAWithEmbeddings):  # the registry prepared plain LoRA: unfreeze the rest too
+        unfreeze_non_linear(session.prepared.model)
+        session.prepared.optimizer = build_optimizer(session.prepared.model.parameters(), method.optimizer, lr)
+    result = Result(name, trainable=session.prepared.trainable_parameters())
+    for step in run_steps(session):
+        result.losses.append(step.loss)
+        result.seconds += step.seconds
+        result.peak_bytes = step.measured["peak_bytes"] if step.measured else result.peak_bytes
+    result.tokens_per_s = steps * setup.tokens * setup.grad_accum / result.seconds
+    if session.prepared.lowrank is not None:
+        result.svd_count = sum(row["svd_count"] for row in session.prepared.lowrank.layer_info())
+    result.eval_loss = evaluate(session)
     print(f"  {name:<22} eval loss {result.eval_loss:.3f}  peak {result.peak_bytes / MiB:7.1f} MiB  "
-          f"{result.tokens_per_s:,.0f} tok/s  ({seconds:.0f} s)", file=sys.stderr, flush=True)
+          f"{result.tokens_per_s:,.0f} tok/s  ({result.seconds:.0f} s)", file=sys.stderr, flush=True)
     return result
 
 
@@ -211,7 +183,7 @@ def finetuning(args) -> list[Result]:
                          tune_setup.batch_size, args.seed, ROOT / "runs" / ".cache", eval_fraction=0.1)
 
     base = AutoModelForCausalLM.from_pretrained(base_dir).to(torch.bfloat16)
-    args.base_task_loss = evaluate(base, task_data(), tune_setup, args.eval_batches)
+    args.base_task_loss = evaluate_model(base, task_data().eval_batches(args.eval_batches), tune_setup)
     print(f"  {'base, not fine-tuned':<22} eval loss {args.base_task_loss:.3f}", file=sys.stderr)
     results = []
     for name, method, lr in methods:

@@ -2,7 +2,8 @@
 
 Derived from the forward code of the transformers modules (transformers 5.x), not from a GPT
 formula, and checked against `lowrank.memory.MemoryTracker` measurements (tests/estimator/
-test_activations.py). The rules every term follows are autograd's:
+test_accuracy.py, every method and setting on six architectures). The rules every term
+follows are autograd's:
 
 - `y = x @ W.T` saves x only when W needs a gradient, and W (a weight, not an activation) when
   x does. So LoRA, which freezes W, saves the input once for `lora_A` instead (its dropout
@@ -35,7 +36,6 @@ class Flow:
     lora_targets: frozenset[str] = frozenset()  # short names of the linears carrying LoRA
     lora_rank: int = 0
     lora_dropout: float = 0.0
-    quant_base: str | None = None  # "nf4": bitsandbytes 4-bit base layers (QLoRA)
     attn: str = "sdpa"
     device: str = "cuda"
     checkpointing: bool = False

@@ -1,17 +1,21 @@
 """`python -m estimator MODEL --method METHOD [options] [--json] [--gpus] [--max-batch-size GPU]`.
 
-Prints a readable breakdown by default, DESIGN.md's JSON object with --json. Bad input exits
-with status 2 and one line naming the value and the fix.
+Prints a readable breakdown by default, the estimate's JSON object with --json
+(`Estimate.to_dict`: model, method, params, peak_bytes, phase, moment, breakdown, overhead_bytes,
+moments, activation_terms, options, notes). Bad input exits with status 2 and one line naming
+the value and the fix.
 """
 
 from __future__ import annotations
 
 import json
 
-from .estimate import CATEGORIES, Estimate, GiB, estimate_spec
+from .arguments import OneLineParser, add_training_arguments, configs_from_args
+from .constants import CATEGORIES
+from .estimate import Estimate, GiB, estimate_spec
 from .gpus import find_gpu, fit_table, max_batch_size, max_seq_len
-from .options import OneLineParser, add_training_arguments, as_flags, configs_from_args
-from .spec import load_spec, preset_table
+from .options import as_flags
+from .spec import load_spec, preset_names
 
 
 def build_parser() -> OneLineParser:
@@ -34,25 +38,8 @@ def gib(n: int) -> str:
     return f"{n / GiB:,.2f} GiB"
 
 
-def describe(est: Estimate) -> str:
-    o = est.options
-    method = est.method
-    if method in ("lora", "qlora"):
-        method += f" (rank {o['rank']}, {o['targets']})"
-    elif method in ("galore", "qgalore"):
-        extra = ", layer-wise" if o["layerwise"] else ""
-        method += f" (rank {o['rank']}, {o['optimizer']}{extra})"
-    else:
-        method += f" ({o['optimizer']})"
-    precision = o["dtype"] + (" + bf16 autocast" if o["autocast"] else "")
-    ckpt = ", checkpointing" if o["grad_checkpointing"] else ""
-    accum = f" × {o['grad_accum']} accumulated" if o["grad_accum"] > 1 else ""
-    return (f"{est.model} · {method} · batch {o['batch_size']} × {o['seq_len']} tokens{accum} · "
-            f"{precision}{ckpt} · {o['attn_implementation']}")
-
-
 def render(est: Estimate) -> str:
-    lines = [describe(est)]
+    lines = [est.describe()]
     p = est.params_total
     lines.append(f"parameters: {p / 1e9:.3f} B total, {est.params_trainable / 1e6:,.2f} M trainable "
                  f"({100 * est.params_trainable / p:.2f}%)")
@@ -81,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.model:
-        names = ", ".join(preset_table())
+        names = ", ".join(preset_names())
         parser.error(f"give a MODEL: a preset ({names}), a config.json path, a model folder or a hub id")
     try:
         method, setup = configs_from_args(args)

@@ -14,7 +14,8 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+from .constants import DTYPE_BYTES
+
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "sgd")
 LOWRANK_OPTIMIZERS = ("adamw", "adamw8bit")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")

@@ -8,7 +8,7 @@ A steady-state step (optimizer states exist) allocates its peak at one of a few 
     backward: end          every gradient (layer-wise: one tensor's gradient and update)
     optimizer              every gradient and the optimizer's temporaries
 
-Each moment is a breakdown by category (DESIGN.md); the peak is the largest total. Gradient
+Each moment is a breakdown by category (estimator/constants.py CATEGORIES); the peak is the largest total. Gradient
 accumulation keeps the gradients of earlier micro-batches alive through the last forward.
 
     est = estimate("llama-7b", GaLoreConfig(rank=1024, optimizer="adamw8bit", layerwise=True),
@@ -22,21 +22,13 @@ from dataclasses import asdict, dataclass, field
 from math import ceil
 
 from . import activations as act
+from . import constants
 from . import memory as mem
-from .config import (
-    DTYPE_BYTES,
-    TARGET_SHORTHANDS,
-    GaLoreConfig,
-    LoRAConfig,
-    MethodConfig,
-    QGaLoreConfig,
-    QLoRAConfig,
-    TrainSetup,
-    parse_targets,
-)
+from .config import GaLoreConfig, LoRAConfig, MethodConfig, QGaLoreConfig, QLoRAConfig, TrainSetup
+from .constants import CATEGORIES, DTYPE_BYTES
 from .spec import ModelSpec, load_spec
+from .targets import targets_problem
 
-CATEGORIES = ("weights", "adapters", "gradients", "optimizer", "activations", "transient")
 CUDA_CONTEXT = 512 * 2**20  # CUDA context, cuBLAS and kernel images: not in the allocator's count
 ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation: reserved beyond allocated, as a share of the peak
 GiB = 2**30
@@ -65,8 +57,26 @@ class Estimate:
         """What a GPU must hold: the allocated peak plus the overhead."""
         return self.peak_bytes + self.overhead_bytes
 
+    def describe(self) -> str:
+        """One line: the model, the method and its main options, the batch, the precision."""
+        o = self.options
+        method = self.method
+        if method in ("lora", "qlora"):
+            method += f" (rank {o['rank']}, {o['targets']})"
+        elif method in ("galore", "qgalore"):
+            extra = ", layer-wise" if o["layerwise"] else ""
+            method += f" (rank {o['rank']}, {o['optimizer']}{extra})"
+        else:
+            method += f" ({o['optimizer']})"
+        precision = o["dtype"] + (" + bf16 autocast" if o["autocast"] else "")
+        ckpt = ", checkpointing" if o["grad_checkpointing"] else ""
+        accum = f" × {o['grad_accum']} accumulated" if o["grad_accum"] > 1 else ""
+        return (f"{self.model} · {method} · batch {o['batch_size']} × {o['seq_len']} tokens{accum} · "
+                f"{precision}{ckpt} · {o['attn_implementation']}")
+
     def to_dict(self) -> dict:
-        """DESIGN.md's JSON object: model, method, params, peak_bytes, phase, breakdown, overhead_bytes, ..."""
+        """The estimate's JSON object (`python -m estimator --json`, the app's API, summary.json's
+        "predicted"): model, method, params, peak_bytes, phase, breakdown, overhead_bytes, ..."""
         return {
             "model": self.model,
             "method": self.method,
@@ -100,7 +110,6 @@ def make_flow(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, device: 
         lora_targets=targets,
         lora_rank=method.rank if lora else 0,
         lora_dropout=float(method.dropout) if lora else 0.0,
-        quant_base="nf4" if isinstance(method, QLoRAConfig) else None,
         attn=setup.attn_implementation,
         device=device,
         checkpointing=setup.grad_checkpointing,
@@ -113,18 +122,12 @@ def make_flow(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, device: 
 def check_against_model(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -> list[str]:
     """Problems only the model can reveal (raise), and notes worth showing (returned)."""
     problems, notes = [], []
-    if hasattr(method, "targets"):
+    if isinstance(method, (LoRAConfig, GaLoreConfig)):
         chosen = mem.target_linears(spec, method.targets)
-        names = sorted({lin.short for lin in spec.linears})
-        wanted = parse_targets(method.targets)
-        missing = [w for w in wanted if w not in TARGET_SHORTHANDS and w not in names]
-        if missing:
-            problems.append(f"targets={method.targets!r}: no linear layer named {', '.join(missing)} in "
-                            f"{spec.name}; its layers are {', '.join(names)}")
-        elif not chosen:
-            problems.append(f"targets={method.targets!r} selects no linear layer of {spec.name}; its layers are "
-                            f"{', '.join(names)}")
-        elif hasattr(method, "rank"):
+        problem = targets_problem(method.targets, [lin.short for lin in spec.linears], bool(chosen), spec.name)
+        if problem:
+            problems.append(problem)
+        else:
             smallest = min(min(lin.in_features, lin.out_features) for lin in chosen)
             if method.rank > smallest:
                 problems.append(f"rank={method.rank} is above the smallest target dimension ({smallest}) of "
@@ -170,17 +173,18 @@ def largest_linear(spec: ModelSpec) -> int:
 
 
 def dequant_transient(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -> int:
-    """QLoRA and Q-GaLore dequantize one weight at a time for its matmul (compute dtype);
-    lowrank.quant dequantizes INT8 through one fp32 block of at most 2²⁰ elements."""
+    """QLoRA and Q-GaLore dequantize one weight at a time for its matmul (compute dtype)."""
     if isinstance(method, QLoRAConfig):
         return largest_linear(spec) * DTYPE_BYTES[method.compute_dtype]
     if isinstance(method, QGaLoreConfig):
-        largest = largest_linear(spec)
-        return largest * DTYPE_BYTES[setup.dtype] + 4 * min(largest, QUANT_BLOCK)
+        return int8_dequant_temps(largest_linear(spec), DTYPE_BYTES[setup.dtype])
     return 0
 
 
-GALORE_SLICE = 1 << 20  # lowrank.galore updates non-projected tensors in slices of this many elements
+def int8_dequant_temps(numel: int, d: int) -> int:
+    """lowrank.quant.dequantize of an INT8 weight: the output in the compute dtype, built through
+    one fp32 work block of at most constants.QUANT_BLOCK elements."""
+    return numel * d + 4 * min(numel, constants.QUANT_BLOCK)
 
 
 def galore_low_rank_numel(lin, method: GaLoreConfig) -> int:
@@ -194,18 +198,21 @@ def galore_adam_temps(numel: int, method: GaLoreConfig, d: int) -> int:
     """lowrank.galore's Adam on one low-rank gradient: 32-bit keeps the gradient and the
     direction (2ℓ in the weight dtype); 8-bit dequantizes both moments to fp32 beside the
     gradient and an fp32 copy of it (13ℓ with fp32 weights, 14ℓ with bf16, and the absmax)."""
-    if method.optimizer == "adamw8bit" and numel >= mem.ADAM8_MIN_SIZE:
-        return (13 if d == 4 else 14) * numel + 4 * ceil(numel / mem.ADAM8_BLOCK)
+    if method.optimizer == "adamw8bit" and numel >= constants.ADAM8_MIN_SIZE:
+        return (13 if d == 4 else 14) * numel + 4 * ceil(numel / constants.ADAM8_BLOCK)
     return 2 * numel * (4 if method.optimizer == "adamw8bit" else d)
 
 
 def galore_plain_temps(numel: int, method: GaLoreConfig, d: int) -> int:
-    """AdamW on a non-projected tensor, in slices of 2²⁰ elements: a denominator slice (32-bit),
-    or the slice's two dequantized fp32 moments and the gradient (8-bit: 9 bytes an element
-    with fp32 weights, 12 with bf16, measured)."""
-    s = min(numel, GALORE_SLICE)
-    if method.optimizer == "adamw8bit" and numel >= mem.ADAM8_MIN_SIZE:
-        return (9 if d == 4 else 12) * s
+    """AdamW on a non-projected tensor, in slices of constants.GALORE_SLICE elements: a denominator
+    slice (32-bit); 8-bit: the slice's two dequantized fp32 moments and, with fp32 weights, the
+    requantized codes and their absmax (9 bytes an element), with bf16 weights the gradient's
+    fp32 copy (12 bytes an element) — measured in tests/test_vocabulary.py."""
+    s = min(numel, constants.GALORE_SLICE)
+    if method.optimizer == "adamw8bit" and numel >= constants.ADAM8_MIN_SIZE:
+        if d == 4:  # the moments, then the requantized codes and their absmax beside them
+            return 9 * s + 4 * ceil(s / constants.ADAM8_BLOCK)
+        return 12 * s  # the moments and an fp32 copy of the gradient slice
     return s * (4 if method.optimizer == "adamw8bit" else d)
 
 
@@ -222,13 +229,10 @@ def galore_update_temps(lin, method: GaLoreConfig, d: int) -> int:
     return temps
 
 
-QUANT_BLOCK = 1 << 20  # lowrank.quant works in blocks of this many elements
-
-
 def stochastic_rounding_temps(numel: int) -> int:
     """lowrank.quant.stochastic_update_ on one block: two fp32 copies of it and per-group work
     (measured: 8.13 bytes per element of a block, tests/estimator/test_memory.py)."""
-    block = min(numel, QUANT_BLOCK)
+    block = min(numel, constants.QUANT_BLOCK)
     return 8 * block + block * 33 // 256
 
 
@@ -244,7 +248,7 @@ def update_transient(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -
         worst = max([galore_update_temps(lin, method, d) for lin in spec.linears if mem.is_target(lin, method.targets)]
                     + [galore_plain_temps(n, method, d) for n in _plain_tensors(spec, method)])
         return worst
-    if getattr(method, "optimizer", None) == "adafactor":
+    if method.optimizer == "adafactor":
         if isinstance(method, LoRAConfig):
             largest = max(method.rank * max(lin.in_features, lin.out_features)
                           for lin in mem.target_linears(spec, method.targets))

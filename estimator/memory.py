@@ -1,31 +1,16 @@
 """Static memory terms: weights, adapters, gradients and optimizer states, in bytes.
 
-Each function is one term of DESIGN.md's vocabulary for one method; the formulas cite where
+Each function is one term of the memory vocabulary (docs/design.md) for one method; the formulas cite where
 they come from and tests/estimator/test_memory.py checks them against real tensors (a model
 built from the config, bitsandbytes 4-bit layers, torch and bitsandbytes optimizers).
 """
 
 from __future__ import annotations
 
-from math import ceil
-
-from .config import (
-    DTYPE_BYTES,
-    GaLoreConfig,
-    LoRAConfig,
-    MethodConfig,
-    QGaLoreConfig,
-    QLoRAConfig,
-    TrainSetup,
-)
+from .config import GaLoreConfig, LoRAConfig, MethodConfig, QGaLoreConfig, QLoRAConfig, TrainSetup
+from .constants import ADAM8_MIN_SIZE, DTYPE_BYTES, QMAP_BYTES, adam8bit_nbytes, nf4_nbytes, quantized_nbytes
 from .spec import LinearShape, ModelSpec
 from .targets import selects
-
-NF4_BLOCK = 64  # QLoRA paper, section 3: blocks of 64 weights share one absmax
-NF4_DQ_BLOCK = 256  # double quantization: 8-bit absmax in blocks of 256 with an fp32 scale each
-ADAM8_BLOCK = 256  # bitsandbytes 8-bit optimizers: blockwise quantization, 256 values a block
-ADAM8_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit states for tensors smaller than this
-QMAP_BYTES = 256 * 4  # a 256-entry fp32 quantization map
 
 
 def is_target(lin: LinearShape, targets: str) -> bool:
@@ -37,34 +22,9 @@ def target_linears(spec: ModelSpec, targets: str) -> list[LinearShape]:
     return [lin for lin in spec.linears if is_target(lin, targets)]
 
 
-def nf4_bytes(numel: int, double_quant: bool) -> int:
-    """Stored bytes of one bitsandbytes 4-bit weight (Dettmers et al. 2023, arXiv 2305.14314 §3).
-
-    Two codes per byte; one absmax per block of 64 (fp32, or with double quantization uint8
-    plus an fp32 absmax per 256 blocks, a 256-entry fp32 map and an fp32 offset); the
-    16-entry fp32 NF4 code book.
-    """
-    blocks = ceil(numel / NF4_BLOCK)
-    stored = ceil(numel / 2) + 16 * 4
-    if double_quant:
-        return stored + blocks + ceil(blocks / NF4_DQ_BLOCK) * 4 + QMAP_BYTES + 4
-    return stored + blocks * 4
-
-
-GROUP_CONSTANTS = 2 * 2  # lowrank.quant: an fp16 scale and an fp16 offset per group
-
-
-def grouped_quant_bytes(numel: int, bits: int, group_size: int) -> int:
-    """Q-GaLore's group quantization (arXiv 2407.08296 §3.2), as lowrank.quant stores it:
-    codes (INT4 packed two to a byte, INT8 one), an fp16 scale and offset per group."""
-    if bits == 16:
-        return numel * 2
-    return ceil(numel * bits / 8) + ceil(numel / group_size) * GROUP_CONSTANTS
-
-
 def int8_weight_bytes(numel: int, group_size: int) -> int:
     """A Q-GaLore INT8 weight: one byte a weight plus the group constants."""
-    return grouped_quant_bytes(numel, 8, group_size)
+    return quantized_nbytes(numel, 8, group_size)
 
 
 def weights_bytes(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -> int:
@@ -75,7 +35,7 @@ def weights_bytes(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -> i
     if isinstance(method, QLoRAConfig):  # QLoRA quantizes every linear of the decoder blocks
         for lin in spec.linears:
             weight = lin.in_features * lin.out_features
-            total += lin.count * (nf4_bytes(weight, method.double_quant) - weight * d)
+            total += lin.count * (nf4_nbytes(weight, method.double_quant) - weight * d)
     elif isinstance(method, QGaLoreConfig):
         for lin in target_linears(spec, method.targets):
             weight = lin.in_features * lin.out_features
@@ -187,7 +147,7 @@ def adam_state_bytes(numel: int, dtype_bytes: int, optimizer: str, step_tensor: 
     if optimizer == "adamw8bit":
         if numel < ADAM8_MIN_SIZE:
             return 2 * numel * 4
-        return 2 * (numel + ceil(numel / ADAM8_BLOCK) * 4)
+        return 2 * adam8bit_nbytes(numel)
     return 2 * numel * dtype_bytes + (4 if step_tensor else 0)
 
 
@@ -261,7 +221,7 @@ def galore_matrix_state_bytes(lin: LinearShape, method: GaLoreConfig, d: int) ->
         proj_numel = r * small
         moment_numel = r * large
     if isinstance(method, QGaLoreConfig):
-        proj = grouped_quant_bytes(proj_numel, method.proj_bits, method.proj_group_size)
+        proj = quantized_nbytes(proj_numel, method.proj_bits, method.proj_group_size)
         proj += 4 * leading_vector_length(lin, method.proj_type)  # the adaptive gap's fp32 last vector
     else:
         proj = proj_numel * d

@@ -1,20 +1,19 @@
-"""Command-line options shared by `python -m estimator` and `python -m lowrank.train`.
+"""The option table: each command-line flag and the dataclass field it sets.
 
-One table maps each option to a dataclass field, so both commands accept the same names and a
-prediction and a run always describe the same thing. An option the chosen method does not
-have is an error naming the methods it belongs to.
+`python -m estimator`, `python -m lowrank.train` (through estimator/arguments.py), the app's
+worker (which writes the flags of a run) and the app's widgets (their help texts) all read it,
+so a prediction and a run always describe the same thing. lowrank/recipe.py adds the run's own
+options (steps, lr, ...) as Options of the same kind. No argparse here: this is vocabulary.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from .config import (
     ATTN_IMPLEMENTATIONS,
-    DTYPE_BYTES,
     METHODS,
     OPTIMIZERS,
     PROJ_TYPES,
@@ -22,8 +21,8 @@ from .config import (
     SVD_METHODS,
     MethodConfig,
     TrainSetup,
-    method_config,
 )
+from .constants import DTYPE_BYTES
 
 LORA = ("lora", "qlora")
 GALORE = ("galore", "qgalore")
@@ -84,60 +83,10 @@ SETUP_OPTIONS = (
 )
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit status 2 (no usage dump)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _add(parser: argparse.ArgumentParser, option: Option) -> None:
-    if option.type is bool:
-        parser.add_argument(option.flag, dest=option.dest, action=argparse.BooleanOptionalAction, default=None,
-                            help=option.help)
-    else:
-        metavar = None if option.choices else option.dest.upper()
-        parser.add_argument(option.flag, dest=option.dest, type=option.type, default=None, choices=option.choices,
-                            help=option.help, metavar=metavar)
-
-
-def add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    """--method plus every method and setup option."""
-    parser.add_argument("--method", required=True, choices=tuple(METHODS), help="training method")
-    group = parser.add_argument_group("method options (each applies to some methods)")
-    for option in METHOD_OPTIONS:
-        _add(group, option)
-    group = parser.add_argument_group("training setup")
-    for option in SETUP_OPTIONS:
-        _add(group, option)
-
-
-def configs_from_args(args: argparse.Namespace) -> tuple[MethodConfig, TrainSetup]:
-    """The method dataclass and TrainSetup the parsed options describe; ValueError on misuse."""
-    method = args.method
-    problems, options = [], {}
-    for option in METHOD_OPTIONS:
-        value = getattr(args, option.dest)
-        if value is None:
-            continue
-        if method not in option.methods:
-            problems.append(f"{option.flag} does not apply to --method {method}; it is an option of "
-                            f"{', '.join(option.methods)}")
-        else:
-            options[option.field] = value
-    if problems:
-        raise ValueError("; ".join(problems))
-    setup = {o.field: getattr(args, o.dest) for o in SETUP_OPTIONS if getattr(args, o.dest) is not None}
-    try:
-        return method_config(method, **options), TrainSetup(**setup)
-    except ValueError as err:
-        raise ValueError(as_flags(str(err), method)) from None
-
-
-def as_flags(message: str, method: str) -> str:
+def as_flags(message: str, method: str, extra: tuple[Option, ...] = ()) -> str:
     """A dataclass's message in command-line words: `batch_size=0 must …` → `--batch-size 0 must …`."""
     def flag(match: re.Match) -> str:
-        for option in (*METHOD_OPTIONS, *SETUP_OPTIONS):
+        for option in (*METHOD_OPTIONS, *SETUP_OPTIONS, *extra):
             if option.field == match.group(1) and method in option.methods:
                 return f"{option.flag} "
         return match.group(0)
@@ -154,6 +103,16 @@ def flags_for(method: MethodConfig, setup: TrainSetup) -> list[str]:
             out += _flag(option, data[option.field])
     for option in SETUP_OPTIONS:
         out += _flag(option, getattr(setup, option.field))
+    return out
+
+
+def option_flags(options: tuple[Option, ...], values: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    """The flags that set `values` where they differ from `defaults` (None values stay unset)."""
+    out = []
+    for option in options:
+        value = values[option.field]
+        if value is not None and value != defaults.get(option.field):
+            out += _flag(option, value)
     return out
 
 

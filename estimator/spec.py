@@ -92,21 +92,18 @@ class ModelSpec:
         return self.num_kv_heads * self.head_dim
 
 
-def preset_table() -> dict[str, dict]:
-    return _presets()
-
-
 @lru_cache(maxsize=1)
-def _presets() -> dict[str, dict]:
+def preset_table() -> dict[str, dict]:
+    """assets/presets.json: name -> {"description", "config"}."""
     with open(ASSETS / "presets.json") as f:
         return json.load(f)
 
 
 def preset_names() -> list[str]:
-    return list(_presets())
+    return list(preset_table())
 
 
-def _config_from_dict(data: dict, where: str, trust_remote_code: bool = False):
+def _config_from_dict(data: dict, where: str):
     from transformers import AutoConfig
 
     data = dict(data)
@@ -130,7 +127,7 @@ def load_config(source: str, trust_remote_code: bool = False):
     if not isinstance(source, str) or not source.strip():
         raise ValueError("model is empty; give a preset name (e.g. llama-7b), a config.json path, a folder or a hub id")
     source = source.strip()
-    presets = _presets()
+    presets = preset_table()
     if source in presets:
         return _config_from_dict(presets[source]["config"], f"preset {source}")
     path = Path(os.path.expanduser(source))
@@ -147,7 +144,7 @@ def load_config(source: str, trust_remote_code: bool = False):
             raise ValueError(f"config {str(path)!r} is not valid JSON (line {err.lineno}: {err.msg}); fix the file") from None
         if not isinstance(data, dict):
             raise ValueError(f"config {str(path)!r} must hold a JSON object, not {type(data).__name__}")
-        return _config_from_dict(data, f"config {str(path)!r}", trust_remote_code)
+        return _config_from_dict(data, f"config {str(path)!r}")
     if source.startswith(("/", "./", "../", "~")) or source.count("/") > 1 or os.sep != "/" and os.sep in source:
         raise ValueError(f"model={source!r}: no such file or folder; give a config.json, a model folder, "
                          f"a preset or a hub id (org/name)")
@@ -309,7 +306,7 @@ def _cache_key(source: str) -> tuple:
 @lru_cache(maxsize=128)
 def _load_spec_cached(source: str, key: tuple, trust_remote_code: bool) -> ModelSpec:
     name = source.strip()
-    if name not in _presets():
+    if name not in preset_table():
         path = Path(os.path.expanduser(name))
         if path.exists():
             name = path.parent.name if path.name == "config.json" else (path.name if path.is_dir() else path.stem)

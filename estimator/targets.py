@@ -15,7 +15,7 @@ import re
 
 from torch import nn
 
-from .config import parse_targets
+from .config import TARGET_SHORTHANDS, parse_targets
 
 _ATTENTION_PARTS = ("attn", "attention")
 _MLP_PARTS = ("mlp", "feed_forward", "ffn")
@@ -75,6 +75,19 @@ def matches(path: str, targets: str) -> bool:
     return selects(path.rsplit(".", 1)[-1], linear_group(path), targets)
 
 
+def targets_problem(targets: str, names: list[str], chosen: bool, where: str) -> str | None:
+    """Why `targets` cannot be used with a model whose block linears have these short `names`
+    (one message, naming the layers there are), or None; `chosen`: does it select any?"""
+    available = sorted(set(names))
+    missing = [w for w in parse_targets(targets) if w not in TARGET_SHORTHANDS and w not in available]
+    if missing:
+        return (f"targets={targets!r}: no linear layer named {', '.join(missing)} in {where}; its layers are "
+                f"{', '.join(available)}")
+    if not chosen:
+        return f"targets={targets!r} selects no linear layer of {where}; its layers are {', '.join(available)}"
+    return None
+
+
 def target_linears(model: nn.Module, targets: str) -> list[tuple[str, nn.Module]]:
     """(path, module) of every linear layer in the decoder blocks that `targets` selects.
 
@@ -84,19 +97,7 @@ def target_linears(model: nn.Module, targets: str) -> list[tuple[str, nn.Module]
     pattern = re.compile(re.escape(prefix) + r"\.\d+\.")
     found = [(name, m) for name, m in model.named_modules() if is_linear(m) and pattern.match(name)]
     chosen = [(name, m) for name, m in found if matches(name, targets)]
-    wanted = parse_targets(targets)
-    if wanted[0] not in ("all-linear", "attention", "mlp"):
-        available = sorted({name.rsplit(".", 1)[-1] for name, _ in found})
-        missing = [w for w in wanted if w not in available]
-        if missing:
-            raise ValueError(f"targets={targets!r}: no linear layer named {', '.join(missing)} in this model; "
-                             f"its layers are {', '.join(available)}")
-    if not chosen:
-        raise ValueError(f"targets={targets!r} selects no linear layer in this model")
+    problem = targets_problem(targets, [name.rsplit(".", 1)[-1] for name, _ in found], bool(chosen), "this model")
+    if problem:
+        raise ValueError(problem)
     return chosen
-
-
-def layer_index(path: str) -> int | None:
-    """The decoder block number in a module path (`model.layers.7.mlp` -> 7)."""
-    match = re.search(r"\.(\d+)\.", path)
-    return int(match.group(1)) if match else None

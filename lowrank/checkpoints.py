@@ -1,70 +1,76 @@
-"""Saving a run: usable snapshots (PEFT adapters, model folders) and what --resume needs.
+"""What `--resume` needs, in one file written atomically: a kill during a save leaves the previous
+checkpoint whole.
 
-    save_checkpoint(out, step, model, optimizer, data, peak_lr)   # checkpoints/checkpoint.pt
-    save_weights(out / "checkpoints/step-100", model, method, base)  # a usable snapshot
-    save_final(out, model, method, tokenizer, base)                 # final/
-    step = load_checkpoint(out, model, optimizer, data, device)      # --resume
+    save_checkpoint(out, step, prepared, data, peak_lr)      # checkpoints/checkpoint.pt
+    step = load_checkpoint(out, prepared, data, device)      # --resume
+    save_base(build, out / "base", tokenizer, dtype)         # the random base a preset's adapter belongs to
+
+Usable snapshots (PEFT adapters, model folders) are the methods' own `save` hooks
+(lowrank/methods.py `save_model`).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
-from estimator.config import LoRAConfig, MethodConfig, QGaLoreConfig
+from .methods import Prepared
 
 CHECKPOINT = "checkpoint.pt"
-
 
 
 def trainable_state(model) -> dict:
     """What a checkpoint must hold: every trainable tensor, and INT8 weights (Q-GaLore)."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    if len(trainable) == sum(1 for _ in model.parameters()):
-        return {k: v for k, v in model.state_dict().items()}
     state = model.state_dict()
-    return {k: v for k, v in state.items() if k in trainable or "weight_codes" in k or "weight_scales" in k
-            or "weight_offsets" in k}
+    if len(trainable) == sum(1 for _ in model.parameters()):
+        return dict(state)
+    return {k: v for k, v in state.items() if k in trainable or k.endswith(("weight_codes", "weight_scales",
+                                                                           "weight_offsets"))}
 
 
-def save_weights(directory: Path, model, method: MethodConfig, base_name: str) -> None:
-    """A usable snapshot: a PEFT adapter for LoRA/QLoRA, the model's weights otherwise (Q-GaLore's
-    as INT8 codes with their group constants)."""
-    if isinstance(method, LoRAConfig):
-        from .lora import save_adapter
+def write_atomically(path: Path, write) -> None:
+    """`write(tmp)` into a temporary file beside `path`, flushed to disk, then renamed over `path`:
+    readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power loss
+    finally:
+        os.close(directory)
 
-        save_adapter(model, method, directory, base_model_name_or_path=base_name)
-    else:
-        model.save_pretrained(directory)
 
-
-def save_checkpoint(out: Path, step: int, model, optimizer, data, peak_lr: float) -> None:
-    """What --resume needs (model, optimizer, data position, RNG), in one file rewritten each time."""
+def save_checkpoint(out: Path, step: int, prepared: Prepared, data, peak_lr: float) -> None:
+    """Model, optimizer, data position and RNG after `step` steps, in checkpoints/checkpoint.pt."""
     directory = out / "checkpoints"
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (CHECKPOINT + ".tmp")
-    torch.save({"step": step, "model": trainable_state(model), "optimizer": optimizer.state_dict(),
-                "data": data.train.state_dict(), "peak_lr": peak_lr, "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp)
-    tmp.replace(directory / CHECKPOINT)
+    state = {"step": step, "model": trainable_state(prepared.model), "optimizer": prepared.optimizer.state_dict(),
+             "data": data.train.state_dict(), "peak_lr": peak_lr, "rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    write_atomically(directory / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
 
-def save_final(out: Path, model, method: MethodConfig, tokenizer, base_name: str) -> Path:
-    """LoRA/QLoRA: a PEFT adapter; Q-GaLore: the dequantized model; others: the model folder."""
-    final = out / "final"
-    if isinstance(method, LoRAConfig):
-        from .lora import save_adapter
-
-        save_adapter(model, method, final, base_model_name_or_path=base_name)
-    else:
-        if isinstance(method, QGaLoreConfig):
-            from .qgalore import dequantize_model_weights
-
-            dequantize_model_weights(model)
-        model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
-    return final
+def load_checkpoint(out: Path, prepared: Prepared, data, device: torch.device) -> int:
+    """Restore what `save_checkpoint` wrote; returns the number of steps done."""
+    path = out / "checkpoints" / CHECKPOINT
+    if not path.exists():
+        raise ValueError(f"--resume {out}: no checkpoint at {path}; the run saved none before it ended")
+    state = torch.load(path, map_location=device, weights_only=False)
+    missing = prepared.model.load_state_dict(state["model"], strict=False)
+    if missing.unexpected_keys:
+        raise ValueError(f"--resume {out}: the checkpoint does not fit this model ({missing.unexpected_keys[:3]})")
+    prepared.optimizer.load_state_dict(state["optimizer"])
+    data.train.load_state_dict(state["data"])
+    torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["step"])
 
 
 def save_base(build, base: Path, tokenizer, dtype: torch.dtype) -> None:
@@ -74,19 +80,3 @@ def save_base(build, base: Path, tokenizer, dtype: torch.dtype) -> None:
     model.to(dtype).save_pretrained(base)
     tokenizer.save_pretrained(base)
     del model
-
-
-def load_checkpoint(out: Path, model, optimizer, data, device: torch.device) -> int:
-    path = out / "checkpoints" / CHECKPOINT
-    if not path.exists():
-        raise ValueError(f"--resume {out}: no checkpoint at {path}; the run saved none (use --save-every)")
-    state = torch.load(path, map_location=device, weights_only=False)
-    missing = model.load_state_dict(state["model"], strict=False)
-    if missing.unexpected_keys:
-        raise ValueError(f"--resume {out}: the checkpoint does not fit this model ({missing.unexpected_keys[:3]})")
-    optimizer.load_state_dict(state["optimizer"])
-    data.train.load_state_dict(state["data"])
-    torch.set_rng_state(state["rng"])
-    if state.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["step"])

@@ -15,7 +15,7 @@ seconds to half a minute per method, and the process stays under half a GiB.
 Device. Fake CUDA tensors (CUDA's 512-byte blocks, CUDA kernels' saved tensors) need a PyTorch
 built with CUDA: on a CPU-only build, forward works but autograd aborts the process (it looks up
 CUDA's device guard), so `device="cuda"` falls back to fake CPU tensors there, with a warning;
-`resolve_device` says which one a run gets.
+`lowrank.device.resolve_device(name, fake=True)` says which one a run gets.
 
 What cannot run on fake tensors, and what the dry run does instead:
   * reading a value (`.item()`, `float(t)`): a float read gives NaN — the loss, a grad norm,
@@ -34,17 +34,15 @@ What cannot run on fake tensors, and what the dry run does instead:
     1M elements that all allocate alike; on fake tensors it traces the first block only (and a
     short last group), the same memory trace without ~6,000 blocks per pass over a 7B model.
 
-`python -m lowrank.dryrun MODEL --method METHOD [options]` prints the measured breakdown beside the
-estimator's prediction for the same device.
+`python -m lowrank.train --model MODEL --method METHOD [options] --dry-run` prints the measured
+breakdown beside the estimator's prediction for the same device.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import threading
-import time
 import warnings
 from collections.abc import Iterator
 from unittest import mock
@@ -54,17 +52,16 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 from estimator.config import MethodConfig, TrainSetup
+from estimator.constants import torch_dtype
 from estimator.spec import load_config
 
-from .memory import CATEGORIES, Measured
-from .methods import TORCH_DTYPES, prepare
-from .step import measure_step, training_step
+from .device import FAKE_CUDA_FALLBACK, resolve_device
+from .memory import Measured
+from .methods import prepare
+from .step import measure_steady_step
 
 LR = 1e-3  # any learning rate: no update is computed
 _LOCK = threading.Lock()
-
-CUDA_FALLBACK = ("fake CUDA tensors need a PyTorch built with CUDA (autograd aborts on them otherwise); "
-                 "this dry run uses fake CPU tensors: no 512-byte blocks, CPU attention kernels")
 
 
 class DryRunMode(FakeTensorMode):
@@ -80,15 +77,6 @@ class DryRunMode(FakeTensorMode):
         return super().__torch_dispatch__(func, types, args, kwargs or {})
 
 
-def resolve_device(device: str) -> torch.device:
-    """The device the fake tensors pretend to be on: `device`, or cpu for cuda without a CUDA build."""
-    if device not in ("cuda", "cpu"):
-        raise ValueError(f"device={device!r} must be cuda or cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device(device)
-
-
 def fake_model(config, setup: TrainSetup, mode: FakeTensorMode, device: torch.device) -> nn.Module:
     """The causal LM of `config` in `setup.dtype`, every parameter and buffer a fake tensor on `device`.
 
@@ -99,7 +87,7 @@ def fake_model(config, setup: TrainSetup, mode: FakeTensorMode, device: torch.de
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=setup.attn_implementation)
-    model.to(TORCH_DTYPES[setup.dtype])  # what prepare's cast would do, done while it still works
+    model.to(torch_dtype(setup.dtype))  # what prepare's cast would do, done while it still works
     faked: dict[int, torch.Tensor] = {}
 
     def fake(t: torch.Tensor, parameter: bool) -> torch.Tensor:
@@ -150,78 +138,20 @@ def _real_run_answers() -> Iterator[None]:
 
 
 def dry_run(model: str, method: MethodConfig, setup: TrainSetup, device: str = "cuda",
-            grad_clip: float | None = None) -> Measured:
+            grad_clip: float | None = None, trust_remote_code: bool = False) -> Measured:
     """Measure one steady-state training step of `model` with `method`, on fake tensors.
 
     model: a preset, config.json path, model folder or hub id (`estimator.spec.load_config`).
     Returns what `measure_step` returns for a real run: peak, phase and breakdown by category.
     """
-    fake_device = resolve_device(device)
-    if fake_device.type != device:
-        warnings.warn(CUDA_FALLBACK, stacklevel=2)
-    config = load_config(model)
+    fake_device = resolve_device(device, fake=True)
+    if device.startswith("cuda") and fake_device.type != "cuda":
+        warnings.warn(FAKE_CUDA_FALLBACK, stacklevel=2)
+    config = load_config(model, trust_remote_code)
     # real constants (code tables) become fake on use; an operator without a fake kernel raises
     # rather than running for real on zero-filled tensors
     mode = DryRunMode(allow_non_fake_inputs=True, allow_fallback_kernels=False)
     net = fake_model(config, setup, mode, fake_device)
     with _real_run_answers(), mode:
         prepared = prepare(net, method, setup, lr=LR, grad_clip=grad_clip)
-        clip = grad_clip if prepared.clip_in_loop else None
-        batches = micro_batches(config.vocab_size, setup, fake_device)
-        training_step(prepared.model, prepared.optimizer, batches, setup, clip)  # optimizer states now exist
-        _, measured = measure_step(prepared.model, prepared.optimizer, batches, setup, clip)
-    return measured
-
-
-# ----------------------------------------------------------------------------- command line
-def gib(n: int) -> str:
-    return f"{n / 2**30:,.3f} GiB"
-
-
-def mib_diff(n: int) -> str:
-    return f"{n / 2**20:+,.1f} MiB"
-
-
-def render(measured: Measured, est, device: torch.device, seconds: float) -> str:
-    """Measured vs estimated bytes per category, and the error of the estimated peak."""
-    from estimator.cli import describe
-
-    lines = [describe(est), f"fake device: {device.type} · dry run {seconds:.1f} s", "",
-             f"{'category':<12} {'measured':>14} {'estimated':>14} {'est - meas':>14}"]
-    rows = [(cat, measured.breakdown[cat], est.breakdown[cat]) for cat in CATEGORIES]
-    for cat, m, e in [*rows, ("peak", measured.peak_bytes, est.peak_bytes)]:
-        lines.append(f"{cat:<12} {gib(m):>14} {gib(e):>14} {mib_diff(e - m):>14}")
-    lines.append(f"{'phase':<12} {measured.phase:>14} {est.phase:>14}")
-    lines.append(f"estimate error at the peak: {100 * (est.peak_bytes / measured.peak_bytes - 1):+.2f}% "
-                 "of the measured peak")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from estimator.estimate import estimate
-    from estimator.options import OneLineParser, add_training_arguments, configs_from_args
-
-    parser = OneLineParser(prog="python -m lowrank.dryrun",
-                           description="Measure one training step on fake tensors and compare it to the estimate.")
-    parser.add_argument("model", help="preset name, config.json path, model folder, or hub id")
-    add_training_arguments(parser)
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="device the fake tensors pretend to be on")
-    args = parser.parse_args(argv)
-    try:
-        method, setup = configs_from_args(args)
-        device = resolve_device(args.device)
-        est = estimate(args.model, method, setup, device=device.type)  # also checks the model and options
-        if device.type != args.device:
-            print(f"note: {CUDA_FALLBACK}", file=sys.stderr)
-        start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            measured = dry_run(args.model, method, setup, device=device.type)
-    except ValueError as err:
-        parser.error(" ".join(str(err).split()))
-    print(render(measured, est, device, time.perf_counter() - start))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        return measure_steady_step(prepared, micro_batches(config.vocab_size, setup, fake_device), setup)

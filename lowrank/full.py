@@ -16,10 +16,15 @@ temporaries) wherever the device supports it.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
+from torch import nn
 
-from estimator.config import OPTIMIZERS
+from estimator.config import OPTIMIZERS, FullConfig, TrainSetup
+from estimator.constants import ADAM8_MIN_SIZE
+
+from .methods import Prepared
 
 SGD_MOMENTUM = 0.9
 
@@ -36,7 +41,8 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, 
     if name == "adamw8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                   min_8bit_size=ADAM8_MIN_SIZE)
     if name == "adafactor":
         return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
@@ -48,3 +54,15 @@ def _fused_ok(params: list[torch.nn.Parameter]) -> bool:
     """Fused AdamW needs floating-point tensors on one device type it supports (CPU, CUDA)."""
     devices = {p.device.type for p in params}
     return len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
+
+
+# ---------------------------------------------------------------------------------- method hooks
+def prepare(model: nn.Module, cfg: FullConfig, setup: TrainSetup, lr: float, weight_decay: float,
+            grad_clip: float | None) -> Prepared:
+    """Every parameter trainable, one optimizer over all of them; the loop clips."""
+    return Prepared(model, build_optimizer(model.parameters(), cfg.optimizer, lr, weight_decay), cfg, grad_clip)
+
+
+def save(model: nn.Module, cfg, directory: Path, base_name: str | None, final: bool) -> None:
+    """The model folder (`save_pretrained`): loadable by transformers, the base of a later run."""
+    model.save_pretrained(directory)

@@ -19,10 +19,9 @@ and frees its gradient at once, so full gradients never coexist. Under gradient 
 targeted weight's hook projects each micro-batch's gradient into the current subspace and sums
 the low-rank pieces — exact, as projection is linear — except on a refresh step, when the full
 gradient is accumulated for the SVD; other parameters accumulate in `.grad` and update on the
-last micro-batch. Tell the optimizer the number of micro-batches: `optimizer.grad_accum = k`.
+last micro-batch. Give the optimizer the number of micro-batches when building it.
 
-    optimizer = build_galore_optimizer(model, GaLoreConfig(rank=128, layerwise=True), lr=1e-2)
-    optimizer.grad_accum = 4
+    optimizer = build_galore_optimizer(model, GaLoreConfig(rank=128, layerwise=True), lr=1e-2, grad_accum=4)
     for batches in loader:                       # 4 micro-batches per step
         for batch in batches:
             (model(**batch, use_cache=False).loss / 4).backward()   # layer-wise: updates happen here
@@ -50,17 +49,19 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from estimator.config import GaLoreConfig
+from estimator import constants
+from estimator.config import GaLoreConfig, TrainSetup
+from estimator.constants import ADAM8_BLOCK, ADAM8_MIN_SIZE
 from estimator.targets import target_linears
 
-from .projector import DenseStore, GaLoreProjector
-
-BLOCK = 256  # values per 8-bit quantization block (bitsandbytes' 8-bit optimizers)
-MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 moments, as in bitsandbytes
-CHUNK = 1 << 20  # elements per slice of an elementwise update: caps temporaries at 4 MiB (fp32)
+from .full import save as save  # a model folder, as full training saves
+from .methods import LowRankOptimizer, Prepared
+from .projector import DenseStore, GaLoreProjector, HoldsTensors
 
 
-def _chunks(numel: int, size: int = CHUNK) -> Iterator[slice]:
+def _slices(numel: int) -> Iterator[slice]:
+    """Flat slices of constants.GALORE_SLICE elements: an elementwise update's temporaries stay small."""
+    size = constants.GALORE_SLICE
     for start in range(0, numel, size):
         yield slice(start, min(start + size, numel))
 
@@ -75,28 +76,29 @@ def _dynamic_maps(device: torch.device) -> tuple[Tensor, Tensor]:
 
 
 def _dequantize(codes: Tensor, absmax: Tensor, qmap: Tensor) -> Tensor:
-    return torch.ops.bitsandbytes.dequantize_blockwise(codes, absmax, qmap, BLOCK, torch.float32)
+    return torch.ops.bitsandbytes.dequantize_blockwise(codes, absmax, qmap, ADAM8_BLOCK, torch.float32)
 
 
 def _quantize_into(values: Tensor, codes: Tensor, absmax: Tensor, qmap: Tensor) -> None:
-    new_codes, new_absmax = torch.ops.bitsandbytes.quantize_blockwise(values, qmap, BLOCK)
+    new_codes, new_absmax = torch.ops.bitsandbytes.quantize_blockwise(values, qmap, ADAM8_BLOCK)
     codes.copy_(new_codes)
     absmax.copy_(new_absmax)
 
 
-class GaLoreAdamW(torch.optim.Optimizer):
+class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
     """AdamW whose groups with a "rank" key project 2-D gradients into a GaLore subspace.
 
     A projected group carries rank, update_proj_gap, scale (as galore-torch's groups) and optionally
     proj_type ("std"), svd ("randomized" or "exact") and stagger (False); other groups are plain AdamW. States are in the weight dtype, or 8-bit
     (`optim_bits=8`) for tensors of at least `min_8bit_size` elements. Subclasses (Q-GaLore) may
     override `make_projector` to hold P quantized or to adapt each layer's refresh gap.
+    It is a `LowRankOptimizer` (lowrank/methods.py): it clips per parameter and reports the norm.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, optim_bits: int = 32,
                  grad_clip: float | None = None, layerwise: bool = False, grad_accum: int = 1,
-                 min_8bit_size: int = MIN_8BIT_SIZE) -> None:
+                 min_8bit_size: int = ADAM8_MIN_SIZE) -> None:
         problems = []
         if not lr >= 0:
             problems.append(f"lr={lr!r} must be ≥ 0")
@@ -110,6 +112,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
             problems.append(f"optim_bits={optim_bits!r} must be 8 or 32")
         if grad_clip is not None and not grad_clip > 0:
             problems.append(f"grad_clip={grad_clip!r} must be > 0, or None for no clipping")
+        if not (isinstance(grad_accum, int) and grad_accum >= 1):
+            problems.append(f"grad_accum={grad_accum!r} must be a whole number ≥ 1 (micro-batches per step)")
         if problems:
             raise ValueError("invalid GaLore AdamW options: " + "; ".join(problems))
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
@@ -134,17 +138,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
             self.state[p]["projector"] = self.make_projector(p, group, name, index, len(projected))
         if layerwise:
             self._hooks = self._register_hooks()
-
-    @property
-    def grad_accum(self) -> int:
-        """Micro-batches per optimizer step (layer-wise mode needs it; others ignore it)."""
-        return self._grad_accum
-
-    @grad_accum.setter
-    def grad_accum(self, value: int) -> None:
-        if not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"grad_accum={value!r} must be a whole number ≥ 1 (micro-batches per step)")
-        self._grad_accum = value
 
     def make_projector(self, p: Tensor, group: dict, name: str, index: int, count: int) -> GaLoreProjector:
         """The projector of the `index`-th of `count` projected weights (staggered if asked)."""
@@ -198,7 +191,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         seen: dict[int, Tensor] = {}
         for state in self.state.values():
             for value in state.values():
-                tensors = value.state_tensors() if hasattr(value, "state_tensors") else [value]
+                tensors = value.state_tensors() if isinstance(value, HoldsTensors) else [value]
                 seen.update({id(t): t for t in tensors if isinstance(t, Tensor)})
         return list(seen.values())
 
@@ -233,10 +226,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """Layer-wise low-rank gradients summed over the micro-batches of the step in progress."""
         return list(self._low_grads.values())
 
-    def remove_hooks(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+    def extra_trainable_numel(self) -> int:
+        """Every trained value is a parameter here (Q-GaLore's INT8 weights are not)."""
+        return 0
 
     # ------------------------------------------------------------------ where gradients live
     # Q-GaLore's INT8 weights are not parameters: it overrides these four to read the gradient
@@ -269,8 +261,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         micro = self._micro[p] = self._micro.get(p, 0) + 1
         if micro > self.grad_accum:
             raise RuntimeError(f"a parameter got {micro} backward passes in one step but "
-                               f"grad_accum={self.grad_accum}: set optimizer.grad_accum to the number of "
-                               "micro-batches per step, and call optimizer.step() after each step")
+                               f"grad_accum={self.grad_accum}: build the optimizer with grad_accum = the number "
+                               "of micro-batches per step, and call optimizer.step() after each step")
         state = self.state[p]
         projector = state.get("projector")
         if projector is not None and not projector.due(state.get("step", 0)):
@@ -312,7 +304,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         step_size = lr / (1 - beta1**t)
         if projector is None:
             flat_p, flat_g = p.view(-1), g.reshape(-1)
-            for sl in _chunks(flat_p.numel()):
+            for sl in _slices(flat_p.numel()):
                 m, denom = self._moments(state, flat_g[sl], sl, group, t)
                 if wd != 0:
                     flat_p[sl].mul_(1 - lr * wd)
@@ -326,7 +318,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _init_moments(self, state: dict, g: Tensor, dtype: torch.dtype) -> None:
         if self.optim_bits == 8 and g.numel() >= self.min_8bit_size:
-            blocks = math.ceil(g.numel() / BLOCK)
+            blocks = math.ceil(g.numel() / ADAM8_BLOCK)
             for key in ("exp_avg", "exp_avg_sq"):
                 state[key] = torch.zeros(g.shape, dtype=torch.uint8, device=g.device)
                 state[key + "_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=g.device)
@@ -352,7 +344,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             return m, v.sqrt().div_(bias_correction2_sqrt).add_(group["eps"])
         # 8-bit: dequantize the slice, update in fp32, quantize back (blocks never straddle slices)
-        blocks = slice(sl.start // BLOCK, -(-sl.stop // BLOCK))
+        blocks = slice(sl.start // ADAM8_BLOCK, -(-sl.stop // ADAM8_BLOCK))
         codes_m, codes_v = state["exp_avg"].view(-1)[sl], state["exp_avg_sq"].view(-1)[sl]
         absmax_m, absmax_v = state["exp_avg_absmax"][blocks], state["exp_avg_sq_absmax"][blocks]
         m = _dequantize(codes_m, absmax_m, state["qmap_signed"])
@@ -392,11 +384,17 @@ def galore_param_groups(model: nn.Module, cfg: GaLoreConfig) -> list[dict]:
 
 def build_galore_optimizer(model: nn.Module, cfg: GaLoreConfig, lr: float, weight_decay: float = 0.0,
                            betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                           grad_clip: float | None = None) -> GaLoreAdamW:
-    """The GaLore optimizer for `model` as `cfg` describes it (layer-wise hooks included).
-
-    With `cfg.layerwise` and gradient accumulation, set `optimizer.grad_accum` afterwards.
-    """
+                           grad_clip: float | None = None, grad_accum: int = 1) -> GaLoreAdamW:
+    """The GaLore optimizer for `model` as `cfg` describes it (layer-wise hooks included);
+    `grad_accum` micro-batches make one step."""
     return GaLoreAdamW(galore_param_groups(model, cfg), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                        optim_bits=8 if cfg.optimizer == "adamw8bit" else 32, grad_clip=grad_clip,
-                       layerwise=cfg.layerwise)
+                       layerwise=cfg.layerwise, grad_accum=grad_accum)
+
+
+# ---------------------------------------------------------------------------------- method hooks
+def prepare(model: nn.Module, cfg: GaLoreConfig, setup: TrainSetup, lr: float, weight_decay: float,
+            grad_clip: float | None) -> Prepared:
+    """Full-rank weights, GaLore's optimizer over all of them; it clips per layer (not the loop)."""
+    optimizer = build_galore_optimizer(model, cfg, lr, weight_decay, grad_clip=grad_clip, grad_accum=setup.grad_accum)
+    return Prepared(model, optimizer, cfg, grad_clip=None, lowrank=optimizer)

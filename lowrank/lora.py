@@ -35,8 +35,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from estimator.config import LoRAConfig
+from estimator.config import LoRAConfig, TrainSetup
 from estimator.targets import target_linears
+
+from .methods import Prepared
 
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
 ADAPTER_CONFIG = "adapter_config.json"
@@ -316,3 +318,18 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     for layer in layers.values():
         layer.scaling = alpha / math.sqrt(layer.rank) if use_rslora else alpha / layer.rank
     return model
+
+
+# ---------------------------------------------------------------------------------- method hooks
+def prepare(model: nn.Module, cfg: LoRAConfig, setup: TrainSetup, lr: float, weight_decay: float,
+            grad_clip: float | None) -> Prepared:
+    """Adapters on `cfg.targets`, everything else frozen; the optimizer sees the adapters only."""
+    from .full import build_optimizer
+
+    model = apply_lora(model, cfg)
+    return Prepared(model, build_optimizer(lora_parameters(model), cfg.optimizer, lr, weight_decay), cfg, grad_clip)
+
+
+def save(model: nn.Module, cfg: LoRAConfig, directory: Path, base_name: str | None, final: bool) -> None:
+    """A PEFT adapter (`peft.PeftModel.from_pretrained(base, directory)` loads it)."""
+    save_adapter(model, cfg, directory, base_model_name_or_path=base_name)

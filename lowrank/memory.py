@@ -5,9 +5,9 @@ sees it die. The sum of live storages is what CUDA's allocator reports as "alloc
 rounds each block up to 512 bytes; we do the same for CUDA tensors), so one code path measures
 CPU runs, CUDA runs and `--dry-run` runs on `FakeTensorMode` tensors.
 
-Each storage gets one category (DESIGN.md) once the step is over:
+Each storage gets one category (estimator/constants.py CATEGORIES) once the step is over:
 
-    weights, adapters, optimizer   tagged by the caller (`watch_model`, `watch_optimizer`)
+    weights, adapters, optimizer   tagged by the caller (`watch_model`, `watch(tensors, "optimizer")`)
     gradients                      became a parameter's .grad (post-accumulate-grad hook)
     activations                    saved for backward, or born in forward and still alive
                                    when forward ended (logits, checkpointed layer inputs)
@@ -18,20 +18,20 @@ that op by their final category, so a tensor born as a temporary and saved a mom
 counts as an activation.
 
     tracker = MemoryTracker()
-    tracker.watch_model(model); tracker.watch_optimizer(optimizer)
+    tracker.watch_model(model); tracker.watch(prepared.state_tensors(), "optimizer")
     with tracker:
         tracker.phase("forward"); loss = model(**batch).loss
         tracker.phase("backward"); loss.backward()
         tracker.phase("optimizer"); optimizer.step(); optimizer.zero_grad()
-    tracker.watch_optimizer(optimizer)       # states created during this step
     print(tracker.result())
+
+(lowrank/step.py's `measure_step` does exactly this for a prepared model.)
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-import os
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -40,9 +40,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-CATEGORIES = ("weights", "adapters", "gradients", "optimizer", "activations", "transient")
-PHASES = ("forward", "backward", "optimizer")
-CUDA_BLOCK = 512  # the caching allocator rounds every block up to this many bytes
+from estimator.constants import CATEGORIES, CUDA_BLOCK, PHASES
 
 
 @dataclass
@@ -68,7 +66,6 @@ class _Storage:
     died: int | None = None
     category: str | None = None  # set by tags; None means decided at the end
     saved: bool = False
-    what: str = ""  # the op that created it and its shape, for `largest_at`
 
 
 def _storage_bytes(st: torch.UntypedStorage, device: torch.device) -> int:
@@ -111,7 +108,7 @@ class MemoryTracker(TorchDispatchMode):
         self._forward_ends: list[int] = []  # the clock at the end of each micro-batch's forward
 
     # ----------------------------------------------------------------- registration
-    def _register(self, tensor: torch.Tensor, category: str | None, what: str = "") -> _Storage | None:
+    def _register(self, tensor: torch.Tensor, category: str | None) -> _Storage | None:
         if not isinstance(tensor, torch.Tensor):
             return None
         try:
@@ -125,9 +122,7 @@ class MemoryTracker(TorchDispatchMode):
                 record.category = category
             return record
         self._clock += 1  # every birth and death is its own moment, so the peak's live set is exact
-        described = f"{what}{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}" if self._keep_records else ""
-        record = _Storage(_storage_bytes(st, tensor.device), self._clock, self._phase, category=category,
-                          what=described)
+        record = _Storage(_storage_bytes(st, tensor.device), self._clock, self._phase, category=category)
         self._storages[key] = record
         if self._keep_records:
             self._records.append(record)
@@ -183,19 +178,6 @@ class MemoryTracker(TorchDispatchMode):
                 _run_first(getattr(module, "_weight_grad_hooks", None), handle)
                 self._hooks.append(handle)
 
-    def watch_optimizer(self, optimizer) -> None:
-        """Every tensor in the optimizer state (moments, projections, quantization maps).
-
-        Accepts a torch optimizer, a list of them, or any object with `state_tensors()`
-        (lowrank's GaLore optimizers)."""
-        if hasattr(optimizer, "state_tensors"):
-            self.watch(optimizer.state_tensors(), "optimizer")
-            return
-        optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
-        for opt in optimizers:
-            for state in opt.state.values():
-                self.watch(_tensors_in(state), "optimizer")
-
     def _on_grad(self, param: torch.Tensor) -> None:
         if param.grad is not None:
             self.watch([param.grad], "gradients")
@@ -218,7 +200,7 @@ class MemoryTracker(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                self._register(t, None, func.__name__)
+                self._register(t, None)
         return out
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -261,13 +243,6 @@ class MemoryTracker(TorchDispatchMode):
                 totals[self._final_category(record)] += record.nbytes
         return totals
 
-    def largest_at(self, clock: int | None = None, top: int = 10) -> list[tuple[int, str, str]]:
-        """The largest storages alive at `clock` (default: the peak): (bytes, category, op and shape)."""
-        clock = self._peak_clock if clock is None else clock
-        alive = [r for r in self._records if r.born <= clock and (r.died is None or r.died > clock)]
-        alive.sort(key=lambda r: -r.nbytes)
-        return [(r.nbytes, self._final_category(r), r.what) for r in alive[:top]]
-
     @property
     def clock(self) -> int:
         return self._clock
@@ -295,20 +270,6 @@ def _run_first(hooks, handle) -> None:
     hooks.update((key, hook) for key, hook in items if key != handle.id)
 
 
-def _tensors_in(value) -> Iterable[torch.Tensor]:
-    """Tensors nested in an optimizer state (dicts, lists, objects with tensor attributes)."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors_in(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors_in(v)
-    elif hasattr(value, "state_tensors"):
-        yield from value.state_tensors()
-
-
 class StepMemory:
     """Peak memory of each step: CUDA's allocator statistics, or live storages on CPU."""
 
@@ -325,10 +286,11 @@ class StepMemory:
             self.tracker.__enter__()
         return self
 
-    def watch(self, model, optimizer) -> None:
+    def watch(self, model: torch.nn.Module, state: Iterable[torch.Tensor]) -> None:
+        """The model's tensors, and the optimizer `state` tensors (CPU only: CUDA needs no tags)."""
         if self.tracker is not None:
             self.tracker.watch_model(model)
-            self.tracker.watch_optimizer(optimizer)
+            self.tracker.watch(state, "optimizer")
 
     def __exit__(self, *exc):
         if self.tracker is not None:
@@ -351,12 +313,3 @@ def cuda_measurement(measured, device: torch.device) -> dict:
     out["tracker_peak_bytes"] = out["peak_bytes"]
     out["peak_bytes"] = allocated
     return out
-
-
-def device_capacity(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None

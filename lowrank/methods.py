@@ -1,101 +1,161 @@
-"""Turn a model and a method dataclass into what a training loop needs: the model and its optimizer.
+"""The methods by name: how each one turns a model into what the loop trains, and how it saves.
 
     prepared = prepare(model, GaLoreConfig(rank=128), TrainSetup(dtype="bf16"), lr=1e-2)
-    training_step(prepared.model, prepared.optimizer, micro_batches, setup)
+    training_step(prepared, micro_batches, setup)          # lowrank/step.py
+    save_model(prepared, "runs/x/final", base_name="llama-60m", final=True)
 
-One function per method, in a dict, not an if/elif ladder. The model is cast to the setup's
-dtype first (QLoRA quantizes from it), then the method changes it in place.
+A method is one module of lowrank/ with two hooks, registered in METHOD_MODULES under the name
+its config dataclass carries (`cfg.method`, estimator/config.py):
+
+    def prepare(model, cfg, setup, lr, weight_decay, grad_clip) -> Prepared
+    def save(model, cfg, directory, base_name, final) -> None   # PEFT adapter, or a model folder
+
+`prepare` here does what every method shares first — gradient checkpointing, the cast to the
+setup's dtype (QLoRA quantizes from it), train mode — then calls the method's hook, which
+changes the model in place and builds its optimizer. Modules load on first use, so full training
+never imports bitsandbytes.
+
+GaLore-style optimizers (lowrank.galore, lowrank.qgalore) update weights themselves, possibly
+inside backward, and clip per layer: they declare it by implementing `LowRankOptimizer`, and the
+method hands them to the loop as `Prepared.lowrank`.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
+from torch import Tensor, nn
 
-from estimator.config import (
-    DTYPE_BYTES,
-    FullConfig,
-    GaLoreConfig,
-    LoRAConfig,
-    MethodConfig,
-    QGaLoreConfig,
-    QLoRAConfig,
-    TrainSetup,
-)
+from estimator.config import MethodConfig, TrainSetup
+from estimator.constants import torch_dtype
 
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-assert set(TORCH_DTYPES) == set(DTYPE_BYTES)
+METHOD_MODULES = {
+    "full": "lowrank.full",
+    "lora": "lowrank.lora",
+    "qlora": "lowrank.qlora",
+    "galore": "lowrank.galore",
+    "qgalore": "lowrank.qgalore",
+}
+
+
+@runtime_checkable
+class LowRankOptimizer(Protocol):
+    """What an optimizer that projects gradients (GaLore, Q-GaLore) tells the training loop.
+
+    layerwise: weights are updated in backward hooks, each gradient freed at once.
+    grad_accum: micro-batches per step (given at construction: layer-wise hooks need it).
+    """
+
+    layerwise: bool
+    grad_accum: int
+
+    @property
+    def grad_norm(self) -> float | None:
+        """Global norm of the last step's pre-clip gradients (the optimizer clips per layer itself)."""
+        ...
+
+    def gradient_tensors(self) -> list[Tensor]:
+        """Gradients held outside `param.grad` (layer-wise low-rank sums, INT8 layers' weight_grad)."""
+        ...
+
+    def state_tensors(self) -> list[Tensor]:
+        """Every tensor of the optimizer state: moments, projections, quantization maps."""
+        ...
+
+    def layer_info(self) -> list[dict]:
+        """Per projected weight: name, shape, rank, refresh gap, SVDs done (the app plots it)."""
+        ...
+
+    def extra_trainable_numel(self) -> int:
+        """Trained values that are not parameters (Q-GaLore's INT8 weights)."""
+        ...
 
 
 @dataclass
 class Prepared:
-    """A model ready to train with `method`, its optimizer, and how it clips gradients."""
+    """A model ready to train with `method`, and its optimizer.
 
-    model: torch.nn.Module
-    optimizer: object  # torch optimizer or lowrank's GaLore optimizers: step(), zero_grad(), state_dict()
+    grad_clip: the loop clips the global gradient norm to it (None: no clipping in the loop).
+    lowrank: the optimizer again when it is a LowRankOptimizer (it clips by itself).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
     method: MethodConfig
-    clip_in_loop: bool  # the loop clips (torch optimizers); GaLore optimizers clip per parameter themselves
+    grad_clip: float | None = None
+    lowrank: LowRankOptimizer | None = None
 
     def trainable_parameters(self) -> int:
-        extra = getattr(self.optimizer, "extra_trainable_numel", lambda: 0)()
+        extra = self.lowrank.extra_trainable_numel() if self.lowrank else 0
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad) + extra
 
+    def state_tensors(self) -> list[Tensor]:
+        """Every tensor the optimizer holds (what memory tracking counts as `optimizer`)."""
+        if self.lowrank is not None:
+            return self.lowrank.state_tensors()
+        return [t for state in self.optimizer.state.values() for t in _tensors_in(state)]
 
-def _full(model, method: FullConfig, setup, lr, weight_decay, grad_clip) -> Prepared:
-    from .full import build_optimizer
+    def gradient_tensors(self) -> list[Tensor]:
+        return self.lowrank.gradient_tensors() if self.lowrank else []
 
-    return Prepared(model, build_optimizer(model.parameters(), method.optimizer, lr, weight_decay), method, True)
-
-
-def _lora(model, method: LoRAConfig, setup, lr, weight_decay, grad_clip) -> Prepared:
-    from .full import build_optimizer
-    from .lora import apply_lora, lora_parameters
-
-    model = apply_lora(model, method)
-    return Prepared(model, build_optimizer(lora_parameters(model), method.optimizer, lr, weight_decay), method, True)
-
-
-def _qlora(model, method: QLoRAConfig, setup, lr, weight_decay, grad_clip) -> Prepared:
-    from .full import build_optimizer
-    from .lora import lora_parameters
-    from .qlora import apply_qlora
-
-    model = apply_qlora(model, method)
-    return Prepared(model, build_optimizer(lora_parameters(model), method.optimizer, lr, weight_decay), method, True)
+    def layer_info(self) -> dict | None:
+        """Per-layer refresh gaps and SVD counts, as one metrics line holds them (None: no projection)."""
+        if self.lowrank is None:
+            return None
+        rows = self.lowrank.layer_info()
+        return {"names": [r["name"] for r in rows], "gap": [r["gap"] for r in rows],
+                "svd_count": [r["svd_count"] for r in rows]}
 
 
-def _galore(model, method: GaLoreConfig, setup, lr, weight_decay, grad_clip) -> Prepared:
-    from .galore import build_galore_optimizer
-
-    optimizer = build_galore_optimizer(model, method, lr, weight_decay, grad_clip=grad_clip)
-    optimizer.grad_accum = setup.grad_accum
-    return Prepared(model, optimizer, method, False)
-
-
-def _qgalore(model, method: QGaLoreConfig, setup, lr, weight_decay, grad_clip) -> Prepared:
-    from .qgalore import build_qgalore_optimizer, quantize_model_weights
-
-    model = quantize_model_weights(model, method)
-    optimizer = build_qgalore_optimizer(model, method, lr, weight_decay, grad_clip=grad_clip)
-    optimizer.grad_accum = setup.grad_accum
-    return Prepared(model, optimizer, method, False)
+def _tensors_in(value) -> list[Tensor]:
+    """Tensors nested in a torch optimizer's state (dicts, lists)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
 
 
-PREPARE: dict[type, Callable[..., Prepared]] = {
-    FullConfig: _full, LoRAConfig: _lora, QLoRAConfig: _qlora, GaLoreConfig: _galore, QGaLoreConfig: _qgalore,
-}
+@dataclass(frozen=True)
+class Method:
+    """A method's two hooks (see the module docstring)."""
+
+    name: str
+    prepare: Callable[..., Prepared]
+    save: Callable[..., None]
 
 
-def prepare(model: torch.nn.Module, method: MethodConfig, setup: TrainSetup, lr: float,
+def get_method(name: str) -> Method:
+    """The registered method `name`; ValueError names the known ones."""
+    if name not in METHOD_MODULES:
+        raise ValueError(f"method={name!r} is not one of {', '.join(METHOD_MODULES)}; pick one of those")
+    module = importlib.import_module(METHOD_MODULES[name])
+    return Method(name, module.prepare, module.save)
+
+
+def prepare(model: nn.Module, method: MethodConfig, setup: TrainSetup, lr: float,
             weight_decay: float = 0.0, grad_clip: float | None = None) -> Prepared:
-    """Cast `model` to `setup.dtype`, apply `method`, and build its optimizer."""
+    """Checkpointing, the cast to `setup.dtype`, train mode; then the method's own hook."""
     if setup.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    dtype = TORCH_DTYPES[setup.dtype]
+    dtype = torch_dtype(setup.dtype)
     if any(t.is_floating_point() and t.dtype != dtype for t in (*model.parameters(), *model.buffers())):
         model.to(dtype)  # skipped when already cast: a dry run's fake parameters cannot be swapped (dryrun.py)
     model.train()
-    return PREPARE[type(method)](model, method, setup, lr, weight_decay, grad_clip)
+    return get_method(method.method).prepare(model, method, setup, lr, weight_decay, grad_clip)
+
+
+def save_model(prepared: Prepared, directory: str | Path, base_name: str | None, final: bool = False) -> Path:
+    """A usable copy of the trained model in `directory`: a PEFT adapter for LoRA/QLoRA, a model
+    folder otherwise (`final`: the last one, which may convert the model, as Q-GaLore dequantizes)."""
+    directory = Path(directory)
+    get_method(prepared.method.method).save(prepared.model, prepared.method, directory, base_name, final)
+    return directory

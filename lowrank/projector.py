@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -76,6 +76,13 @@ def randomized_svd(a: Tensor, rank: int, seed: int = 0, oversample: int = 8, n_i
 
 
 SVD_FUNCTIONS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"exact": exact_svd, "randomized": randomized_svd}
+
+
+@runtime_checkable
+class HoldsTensors(Protocol):
+    """An object in an optimizer's state that owns tensors (a projector, a store, a gap schedule)."""
+
+    def state_tensors(self) -> list[Tensor]: ...
 
 
 class ProjectionStore(Protocol):

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,10 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from estimator.config import QGaLoreConfig
+from estimator.config import QGaLoreConfig, TrainSetup
 from estimator.targets import target_linears
 
 from .galore import GaLoreAdamW
+from .methods import Prepared
 from .projector import GaLoreProjector
 from .quant import CONSTANT_DTYPE, QuantizedMatrix, dequantize, num_groups, quantize, stochastic_update_
 
@@ -242,48 +244,39 @@ def subspace_similarity(old: Tensor, new: Tensor) -> float:
 
 
 class AdaptiveGap:
-    """When one layer refreshes its GaLore subspace; doubles the gap once the subspace is stable.
+    """How long one layer waits between GaLore subspace refreshes; doubles it once the subspace is stable.
 
     After each SVD, `record` compares the new leading singular vector with the previous one
     (|cos|, sign-insensitive) and pushes it in a queue of `queue_size`. When the queue is full and
     its mean is ≥ cos_threshold, the gap doubles and the queue is cleared, so the next doubling
     needs queue_size new refreshes at the new gap. adaptive=False only records (GaLore plots).
 
-    Steps are the layer's optimizer steps (0, 1, ...). The first call of should_refresh is True
-    (no projection yet); then a refresh comes `gap` steps after the previous one, except that
-    offset > 0 (stagger, as GaLoreProjector) puts the second refresh `offset` steps after the first.
-    The previous leading vector is kept here in fp32 (one column, m or n floats), so the
-    comparison does not need the old projection (which may be gone, or INT4).
-
-    Standalone: `should_refresh(step)` then `record(new, step)`. With lowrank/projector.py's
-    GaLoreProjector, which keeps its own schedule: `projector.on_refresh = gap_controller`
-    (`__call__` records the event and sets projector.gap).
+    The projector keeps the schedule (lowrank/projector.py): `projector.on_refresh = gap`, and
+    each refresh calls this object, which records the event and sets `projector.gap`. The previous
+    leading vector is kept here in fp32 (one column, m or n floats), so the comparison does not
+    need the old projection (which may be gone, or INT4).
     """
 
     def __init__(self, gap: int, side: str = "left", cos_threshold: float = 0.4, queue_size: int = 5,
-                 adaptive: bool = True, offset: int = 0) -> None:
+                 adaptive: bool = True) -> None:
         problems = []
-        gap_ok = isinstance(gap, int) and not isinstance(gap, bool) and gap >= 1
-        if not gap_ok:
+        if not (isinstance(gap, int) and not isinstance(gap, bool) and gap >= 1):
             problems.append(f"gap={gap!r} must be a whole number ≥ 1")
         if side not in ("left", "right"):
             problems.append(f"side={side!r} must be 'left' or 'right'")
         if not isinstance(queue_size, int) or queue_size < 1:
             problems.append(f"queue_size={queue_size!r} must be a whole number ≥ 1")
-        if gap_ok and not (isinstance(offset, int) and 0 <= offset < gap):
-            problems.append(f"offset={offset!r} must be in [0, gap={gap!r})")
         if problems:
             raise ValueError("; ".join(problems))
-        self.gap, self.side, self.offset = gap, side, offset
+        self.gap, self.side = gap, side
         self.cos_threshold, self.queue_size, self.adaptive = float(cos_threshold), queue_size, adaptive
         self.queue: deque[float] = deque(maxlen=queue_size)
         self.history: list[GapRecord] = []
-        self.next_step: int | None = None
         self.last_vector: Tensor | None = None
 
     @classmethod
-    def from_config(cls, cfg: QGaLoreConfig, side: str, offset: int = 0) -> AdaptiveGap:
-        return cls(cfg.update_proj_gap, side, cfg.cos_threshold, cfg.queue_size, cfg.adaptive, offset)
+    def from_config(cls, cfg: QGaLoreConfig, side: str) -> AdaptiveGap:
+        return cls(cfg.update_proj_gap, side, cfg.cos_threshold, cfg.queue_size, cfg.adaptive)
 
     @property
     def svd_count(self) -> int:
@@ -292,10 +285,6 @@ class AdaptiveGap:
     @property
     def similarities(self) -> list[float | None]:
         return [r.similarity for r in self.history]
-
-    def should_refresh(self, step: int) -> bool:
-        """Is a new SVD due at this step? Pure: only `record` moves the schedule."""
-        return self.next_step is None or step >= self.next_step
 
     @torch.no_grad()
     def record(self, new: Tensor, step: int, old: Tensor | None = None) -> float | None:
@@ -312,7 +301,6 @@ class AdaptiveGap:
             if self.adaptive and full and sum(self.queue) / self.queue_size >= self.cos_threshold:
                 self.gap *= GAP_FACTOR
                 self.queue.clear()
-        self.next_step = step + (self.offset if self.offset > 0 and not self.history else self.gap)
         self.last_vector = vector
         self.history.append(GapRecord(step, similarity, self.gap))
         return similarity
@@ -326,11 +314,11 @@ class AdaptiveGap:
         return [] if self.last_vector is None else [self.last_vector]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"gap": self.gap, "queue": list(self.queue), "next_step": self.next_step,
-                "last_vector": self.last_vector, "history": [vars(r).copy() for r in self.history]}
+        return {"gap": self.gap, "queue": list(self.queue), "last_vector": self.last_vector,
+                "history": [vars(r).copy() for r in self.history]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.gap, self.next_step = int(state["gap"]), state["next_step"]
+        self.gap = int(state["gap"])
         self.queue = deque(state["queue"], maxlen=self.queue_size)
         vector = state["last_vector"]
         self.last_vector = None if vector is None else vector.float()
@@ -357,8 +345,7 @@ class QGaLoreAdamW(GaLoreAdamW):
 
     def make_projector(self, p: Tensor, group: dict, name: str, index: int, count: int) -> GaLoreProjector:
         projector = super().make_projector(p, group, name, index, count)
-        gap = AdaptiveGap.from_config(self._cfg, "right" if projector.side == "right" else "left",
-                                      offset=projector.offset)
+        gap = AdaptiveGap.from_config(self._cfg, "right" if projector.side == "right" else "left")
         projector.on_refresh = gap
         self.state[p]["adaptive"] = gap
         return projector
@@ -441,7 +428,7 @@ class QGaLoreAdamW(GaLoreAdamW):
 
 def build_qgalore_optimizer(model: nn.Module, cfg: QGaLoreConfig, lr: float, weight_decay: float = 0.0,
                             betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                            grad_clip: float | None = None, seed: int = 0) -> QGaLoreAdamW:
+                            grad_clip: float | None = None, seed: int = 0, grad_accum: int = 1) -> QGaLoreAdamW:
     """Q-GaLore's optimizer for a model whose target layers `quantize_model_weights` converted."""
     layers = int8_linears(model)
     if not layers:
@@ -463,7 +450,7 @@ def build_qgalore_optimizer(model: nn.Module, cfg: QGaLoreConfig, lr: float, wei
     return QGaLoreAdamW(groups, {layer.weight_codes: layer for _, layer in layers}, cfg, dtype, seed=seed,
                         lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         optim_bits=8 if cfg.optimizer == "adamw8bit" else 32, grad_clip=grad_clip,
-                        layerwise=cfg.layerwise)
+                        layerwise=cfg.layerwise, grad_accum=grad_accum)
 
 
 @torch.no_grad()
@@ -484,3 +471,20 @@ def dequantize_model_weights(model: nn.Module, dtype: torch.dtype | None = None)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, linear)
     return model
+
+
+# ----------------------------------------------------------------------------- method hooks
+def prepare(model: nn.Module, cfg: QGaLoreConfig, setup: TrainSetup, lr: float, weight_decay: float,
+            grad_clip: float | None) -> Prepared:
+    """INT8 target weights, Q-GaLore's optimizer over the model; it clips per layer (not the loop)."""
+    model = quantize_model_weights(model, cfg)
+    optimizer = build_qgalore_optimizer(model, cfg, lr, weight_decay, grad_clip=grad_clip, grad_accum=setup.grad_accum)
+    return Prepared(model, optimizer, cfg, grad_clip=None, lowrank=optimizer)
+
+
+def save(model: nn.Module, cfg: QGaLoreConfig, directory: Path, base_name: str | None, final: bool) -> None:
+    """A model folder: INT8 codes and group constants for a snapshot; the last one dequantized, so
+    any transformers code loads it (the base of a later run)."""
+    if final:
+        dequantize_model_weights(model)
+    model.save_pretrained(directory)

@@ -27,12 +27,13 @@ from bitsandbytes.nn import Linear4bit, Params4bit
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
-from estimator.config import QLoRAConfig
+from estimator.config import QLoRAConfig, TrainSetup
+from estimator.constants import NF4_BLOCK, torch_dtype
 from estimator.targets import target_linears
-from lowrank.lora import _replace, apply_lora, lora_layers
 
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BLOCKSIZE = 64  # QLoRA's block of weights sharing one absmax
+from .lora import _replace, apply_lora, lora_layers, lora_parameters
+from .lora import save as save  # a QLoRA adapter is a LoRA adapter (PEFT format)
+from .methods import Prepared
 
 
 def quantize_linear(linear: nn.Linear, cfg: QLoRAConfig) -> Linear4bit:
@@ -41,9 +42,9 @@ def quantize_linear(linear: nn.Linear, cfg: QLoRAConfig) -> Linear4bit:
     The weight is cast to compute_dtype first, so that bitsandbytes dequantizes straight into
     the compute dtype (forward and backward) with no extra cast of a full weight.
     """
-    compute_dtype = COMPUTE_DTYPES[cfg.compute_dtype]
+    compute_dtype = torch_dtype(cfg.compute_dtype)
     weight = linear.weight.detach().to(compute_dtype).contiguous()
-    codes, state = bnb.functional.quantize_4bit(weight, blocksize=BLOCKSIZE, compress_statistics=cfg.double_quant,
+    codes, state = bnb.functional.quantize_4bit(weight, blocksize=NF4_BLOCK, compress_statistics=cfg.double_quant,
                                                 quant_type=cfg.quant_type)
     # built on "meta" so no full-precision weight is allocated, then given the quantized one
     with unset_fake_temporarily():  # real meta tensors even in a dry run: Params4bit cannot wrap fake ones
@@ -71,7 +72,7 @@ def _quantized_parameter(codes: torch.Tensor, state, cfg: QLoRAConfig, layer: Li
         weight = nn.Parameter(codes, requires_grad=False)
         weight.quant_state = state
         return weight
-    return Params4bit(codes, requires_grad=False, quant_state=state, blocksize=BLOCKSIZE,
+    return Params4bit(codes, requires_grad=False, quant_state=state, blocksize=NF4_BLOCK,
                       compress_statistics=cfg.double_quant, quant_type=cfg.quant_type,
                       bnb_quantized=True, module=layer)
 
@@ -98,7 +99,7 @@ def apply_qlora(model: nn.Module, cfg: QLoRAConfig) -> nn.Module:
     Every parameter except the adapters is frozen; the model is changed in place and returned.
     """
     quantize_linears(model, cfg)
-    return apply_lora(model, cfg, dtype=COMPUTE_DTYPES[cfg.compute_dtype])
+    return apply_lora(model, cfg, dtype=torch_dtype(cfg.compute_dtype))
 
 
 def quantized_weight_bytes(model: nn.Module) -> int:
@@ -122,3 +123,13 @@ def quantized_weight_bytes(model: nn.Module) -> int:
             storage = t.untyped_storage()
             seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
     return sum(seen.values())
+
+
+# ---------------------------------------------------------------------------------- method hook
+def prepare(model: nn.Module, cfg: QLoRAConfig, setup: TrainSetup, lr: float, weight_decay: float,
+            grad_clip: float | None) -> Prepared:
+    """4-bit decoder linears, adapters in the compute dtype; the optimizer sees the adapters only."""
+    from .full import build_optimizer
+
+    model = apply_qlora(model, cfg)
+    return Prepared(model, build_optimizer(lora_parameters(model), cfg.optimizer, lr, weight_decay), cfg, grad_clip)

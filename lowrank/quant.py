@@ -20,7 +20,7 @@ Bytes per element (G = group size; scale and offset are 2 bytes each):
     INT4 (packed)   1/2 + 4/G     G = 256: 0.515625   two codes per byte, low nibble first
     16 bits         2             stored as fp16 (projections are orthonormal: |x| ≤ 1)
 
-Everything works in blocks of `BLOCK_ELEMENTS` elements, so fp32 work space stays a few MB
+Everything works in blocks of `estimator.constants.QUANT_BLOCK` elements, so fp32 work space stays a few MB
 whatever the matrix size; the only full-size tensors are the inputs and outputs.
 """
 
@@ -34,8 +34,10 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-BLOCK_ELEMENTS = 1 << 20  # elements per work block: 4 MB of fp32 temporaries
-CONSTANT_DTYPE = torch.float16  # scales and offsets
+from estimator import constants
+from estimator.constants import QUANT_CONSTANT_DTYPE, torch_dtype
+
+CONSTANT_DTYPE = torch_dtype(QUANT_CONSTANT_DTYPE)  # scales and offsets
 SMALLEST_SCALE = 2.0**-24  # the smallest positive fp16 (a constant group still gets a valid grid)
 QUANT_BITS = (4, 8)
 
@@ -61,26 +63,17 @@ def num_groups(numel: int, group_size: int) -> int:
     return -(-numel // group_size)
 
 
-def quantized_nbytes(numel: int, bits: int, group_size: int) -> int:
-    """Exact bytes of codes + fp16 scales + fp16 offsets (bits 4 or 8), or fp16 values (bits 16)."""
-    if bits == 16:
-        return 2 * numel
-    _check_bits(bits)
-    code_bytes = numel if bits == 8 else -(-numel // 2)
-    return code_bytes + 2 * 2 * num_groups(numel, group_size)
-
-
 def _blocks(numel: int, group_size: int, fake: bool = False) -> Iterator[tuple[int, int, int, int, int]]:
     """(first element, end element, first group, end group, group width) of each work block.
 
-    Full groups come in blocks of about BLOCK_ELEMENTS; a shorter last group is its own block,
+    Full groups come in blocks of about constants.QUANT_BLOCK elements; a shorter last group is its own block,
     so every block is a (groups, width) view of the flat tensor without padding.
     fake=True (a dry run, lowrank/dryrun.py): only the first block of full groups and the short
     last group. Each later block allocates and frees temporaries no larger than the first one's,
     so the memory traced is the same, without thousands of blocks per pass over a 7B model.
     """
     full = numel // group_size
-    per_block = max(1, BLOCK_ELEMENTS // group_size)
+    per_block = max(1, constants.QUANT_BLOCK // group_size)
     for g0 in range(0, full, per_block):
         g1 = min(full, g0 + per_block)
         yield g0 * group_size, g1 * group_size, g0, g1, group_size
@@ -177,7 +170,7 @@ def stochastic_update_(codes: Tensor, scales: Tensor, offsets: Tensor, update: T
     A group keeps its grid while its new values fit in it and either span half of it or did not
     shrink; otherwise it gets a fresh grid from its new min and max (as a first quantization would).
     Either way E[new value] = old value + update: floor(v + U[0,1)) is unbiased and never clamps.
-    Work space: three fp32 blocks of BLOCK_ELEMENTS; no full-size temporary.
+    Work space: three fp32 blocks of constants.QUANT_BLOCK elements; no full-size temporary.
     """
     _check_bits(bits)
     _check_group_size(group_size)

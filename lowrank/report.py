@@ -1,18 +1,20 @@
-"""Predicted beside measured: the comparison every run, test and benchmark uses.
+"""Predicted beside measured: the one comparison every run, test, benchmark and tab uses.
 
-The targets (issue #4 and README): the peak within 5%, and every category that holds at least
-10% of the measured peak within 5% of its measured value.
+The targets (README): the peak within 5%, and every category that holds at least 10% of the
+measured peak within 5% of its measured value.
 
     check = compare_memory(estimate.to_dict(), measured.to_dict())
-    check.ok, check.peak_error, check.failures
-    print(memory_table(estimate.to_dict(), measured.to_dict()))
+    check.ok, check.peak_error, check.failures, check.to_dict()      # the JSON form (summary.json)
+    comparison_rows(predicted, measured)                             # the rows the app's tables show
+    print(comparison_table(predicted, measured))                     # the terminal's table
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-CATEGORIES = ("weights", "adapters", "gradients", "optimizer", "activations", "transient")
+from estimator.constants import CATEGORIES
+
 PEAK_TOLERANCE = 0.05
 CATEGORY_TOLERANCE = 0.05
 CATEGORY_FLOOR = 0.10  # categories smaller than this share of the peak are not held to the tolerance
@@ -29,6 +31,11 @@ class Comparison:
     def ok(self) -> bool:
         return not self.failures
 
+    def to_dict(self) -> dict:
+        """As summary.json holds it."""
+        return {"peak_error": self.peak_error, "category_errors": self.category_errors,
+                "within_targets": self.ok, "failures": self.failures}
+
 
 def relative_error(predicted: float, measured: float) -> float:
     if measured == 0:
@@ -39,7 +46,7 @@ def relative_error(predicted: float, measured: float) -> float:
 def compare_memory(predicted: dict, measured: dict, peak_tolerance: float = PEAK_TOLERANCE,
                    category_tolerance: float = CATEGORY_TOLERANCE,
                    category_floor: float = CATEGORY_FLOOR) -> Comparison:
-    """Compare two objects shaped like DESIGN.md's (`peak_bytes`, `breakdown`)."""
+    """Compare two objects shaped like the estimate's JSON (`peak_bytes`, `breakdown`)."""
     peak = relative_error(predicted["peak_bytes"], measured["peak_bytes"])
     failures = []
     if abs(peak) > peak_tolerance:
@@ -54,14 +61,34 @@ def compare_memory(predicted: dict, measured: dict, peak_tolerance: float = PEAK
     return Comparison(peak, errors, failures)
 
 
-def memory_table(predicted: dict, measured: dict) -> str:
-    """A readable predicted vs measured table, category by category, in MiB."""
-    rows = [f"{'':<12} {'predicted':>12} {'measured':>12} {'error':>8}"]
-    for cat in CATEGORIES:
-        p, m = predicted["breakdown"].get(cat, 0), measured["breakdown"].get(cat, 0)
-        error = f"{100 * relative_error(p, m):+7.1f}%" if m else ""
-        rows.append(f"{cat:<12} {p / MiB:>10.2f} M {m / MiB:>10.2f} M {error:>8}")
-    p, m = predicted["peak_bytes"], measured["peak_bytes"]
-    rows.append(f"{'peak':<12} {p / MiB:>10.2f} M {m / MiB:>10.2f} M {100 * relative_error(p, m):+7.1f}%")
-    rows.append(f"{'phase':<12} {predicted.get('phase', ''):>12} {measured.get('phase', ''):>12}")
-    return "\n".join(rows)
+@dataclass(frozen=True)
+class Row:
+    """One line of a predicted-vs-measured table; `measured` None while the measurement is pending."""
+
+    name: str  # a category, or "peak"
+    predicted: int
+    measured: int | None
+
+    @property
+    def error(self) -> float | None:
+        return None if not self.measured else relative_error(self.predicted, self.measured)
+
+
+def comparison_rows(predicted: dict, measured: dict | None) -> list[Row]:
+    """Every category, then the peak."""
+    def value(source: dict | None, name: str) -> int | None:
+        if source is None:
+            return None
+        return source["peak_bytes"] if name == "peak" else source["breakdown"].get(name, 0)
+
+    return [Row(name, value(predicted, name), value(measured, name)) for name in (*CATEGORIES, "peak")]
+
+
+def comparison_table(predicted: dict, measured: dict) -> str:
+    """A readable predicted vs measured table in MiB, with the phase of each peak."""
+    lines = [f"{'':<12} {'predicted':>14} {'measured':>14} {'error':>8}"]
+    for row in comparison_rows(predicted, measured):
+        error = "" if row.error is None else f"{100 * row.error:+7.2f}%"
+        lines.append(f"{row.name:<12} {row.predicted / MiB:>10,.2f} MiB {row.measured / MiB:>10,.2f} MiB {error:>8}")
+    lines.append(f"{'phase':<12} {predicted.get('phase', ''):>14} {measured.get('phase', ''):>14}")
+    return "\n".join(lines)

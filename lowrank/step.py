@@ -1,23 +1,35 @@
 """One optimizer step, written out, and the same step measured by category.
 
-    loss = training_step(model, optimizer, micro_batches, setup)            # train
-    measured = measure_step(model, optimizer, micro_batches, setup)       # + memory by category
+    outcome = training_step(prepared, micro_batches, setup)             # train: outcome.loss, .grad_norm
+    outcome, measured = measure_step(prepared, micro_batches, setup)    # + memory by category
+    measured = measure_steady_step(prepared, micro_batches, setup)      # a warm-up step, then the measured one
 
-Forward under bf16 autocast when `setup.autocast`, loss divided by the number of
-micro-batches, backward, optional clipping, optimizer step, gradients set to None. The
-memory tracker marks the phases, so the peak's phase is known.
+Forward under bf16 autocast when `setup.autocast`, loss divided by the number of micro-batches,
+backward, clipping (unless the optimizer clips per layer itself), optimizer step, gradients set
+to None. The memory tracker marks the phases, so the peak's phase is known.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from estimator.config import TrainSetup
 
 from .memory import Measured, MemoryTracker
+from .methods import Prepared
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one optimizer step reports: the mean loss of its micro-batches and the pre-clip
+    gradient norm (None when nothing computed it: no clipping in the loop or the optimizer)."""
+
+    loss: float
+    grad_norm: float | None
 
 
 def autocast(setup: TrainSetup, device_type: str):
@@ -27,63 +39,82 @@ def autocast(setup: TrainSetup, device_type: str):
     return contextlib.nullcontext()
 
 
-def training_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dict], setup: TrainSetup,
-                  grad_clip: float | None = None, tracker: MemoryTracker | None = None,
-                  stats: dict | None = None) -> float:
-    """Forward and backward over every micro-batch, then one update; returns the mean loss.
-
-    `optimizer` is anything with `step()` and `zero_grad(set_to_none=True)`: a torch
-    optimizer, or a GaLore optimizer (which clips per parameter itself: pass grad_clip=None).
-    `stats`, when given, receives "grad_norm": the pre-clip gradient norm (None if unknown).
-    """
-    device_type = next(model.parameters()).device.type
+def training_step(prepared: Prepared, micro_batches: Sequence[dict], setup: TrainSetup,
+                  tracker: MemoryTracker | None = None) -> StepOutcome:
+    """Forward and backward over every micro-batch, then one update."""
+    model, optimizer = prepared.model, prepared.optimizer
+    device = next(model.parameters()).device
     count = len(micro_batches)
-    total = torch.zeros((), device=next(model.parameters()).device)
+    total = torch.zeros((), device=device)
     for batch in micro_batches:
         if tracker is not None:
             tracker.phase("forward")
-        with autocast(setup, device_type):
+        with autocast(setup, device.type):
             loss = model(**batch, use_cache=False).loss / count
         if tracker is not None:
             tracker.phase("backward")
         loss.backward()
         total += loss.detach()
         del loss
-        if tracker is not None and hasattr(optimizer, "gradient_tensors"):
-            tracker.watch(optimizer.gradient_tensors(), "gradients")  # layer-wise sums across micro-batches
+        if tracker is not None:  # gradients kept outside .grad (layer-wise sums across micro-batches)
+            tracker.watch(prepared.gradient_tensors(), "gradients")
     if tracker is not None:
         tracker.phase("optimizer")
     norm = None
-    if grad_clip is not None:
-        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    if prepared.grad_clip is not None:
+        norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                    prepared.grad_clip))
     optimizer.step()
-    if stats is not None:
-        stats["grad_norm"] = float(norm) if norm is not None else getattr(optimizer, "grad_norm", None)
+    if prepared.lowrank is not None:
+        norm = prepared.lowrank.grad_norm
     optimizer.zero_grad(set_to_none=True)
-    return float(total)
+    return StepOutcome(float(total), norm)
 
 
-def measure_optimizer_step(model: torch.nn.Module, optimizer) -> Measured:
-    """The optimizer's step alone under a MemoryTracker, gradients already in place."""
+def _tracker_for(prepared: Prepared) -> MemoryTracker:
     tracker = MemoryTracker()
-    tracker.watch_model(model)
-    tracker.watch_optimizer(optimizer)
+    tracker.watch_model(prepared.model)
+    tracker.watch(prepared.state_tensors(), "optimizer")
+    return tracker
+
+
+def measure_step(prepared: Prepared, micro_batches: Sequence[dict],
+                 setup: TrainSetup) -> tuple[StepOutcome, Measured]:
+    """`training_step` under a MemoryTracker: its outcome and the measured peak by category.
+
+    Call it after at least one step, so the optimizer states exist (the steady state the
+    estimator predicts) — or use `measure_steady_step`.
+    """
+    tracker = _tracker_for(prepared)
+    with tracker:
+        outcome = training_step(prepared, micro_batches, setup, tracker)
+    return outcome, tracker.result()
+
+
+def measure_steady_step(prepared: Prepared, micro_batches: Sequence[dict], setup: TrainSetup) -> Measured:
+    """One step that creates the optimizer states, then the same micro-batches measured by category.
+
+    On CUDA the allocator's peak is reset in between: `torch.cuda.max_memory_allocated()`
+    afterwards is the measured step's.
+    """
+    training_step(prepared, micro_batches, setup)
+    device = next(prepared.model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    return measure_step(prepared, micro_batches, setup)[1]
+
+
+def measure_optimizer_step(prepared: Prepared) -> Measured:
+    """The optimizer's step alone under a MemoryTracker, gradients already in place."""
+    tracker = _tracker_for(prepared)
     with tracker:
         tracker.phase("optimizer")
-        optimizer.step()
+        prepared.optimizer.step()
     return tracker.result()
 
 
-def measure_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dict], setup: TrainSetup,
-                 grad_clip: float | None = None, stats: dict | None = None) -> tuple[float, Measured]:
-    """`training_step` under a MemoryTracker: the loss and the measured peak by category.
-
-    Call it after at least one step, so the optimizer states exist (the steady state the
-    estimator predicts).
-    """
-    tracker = MemoryTracker()
-    tracker.watch_model(model)
-    tracker.watch_optimizer(optimizer)
-    with tracker:
-        loss = training_step(model, optimizer, micro_batches, setup, grad_clip, tracker, stats)
-    return loss, tracker.result()
+def train_on(prepared: Prepared, batches: Sequence[dict], setup: TrainSetup) -> list[float]:
+    """One step per batch at the optimizer's own learning rate: the plain loop for models a
+    benchmark or a test builds itself (runs go through lowrank/recipe.py). Returns the losses."""
+    return [training_step(prepared, [batch], setup).loss for batch in batches]

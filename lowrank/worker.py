@@ -1,13 +1,14 @@
 """Training runs in a worker process: start one, follow its events, stop it.
 
 The app never trains in its own process. `start_run` launches `python -m lowrank.train` (never
-through a shell) and `Run.events()` follows the run folder: one event per metrics line, then the
-summary. A crash, an out-of-memory error or a killed process becomes an "error" event carrying
-the predicted peak and the device's capacity; the caller keeps going, and everything the run
-wrote stays on disk.
+through a shell) with the flags of a RunSpec (lowrank/recipe.py), and `Run.events()` follows the
+run folder: one event per metrics line, then the summary. A crash, an out-of-memory error or a
+killed process becomes an "error" event carrying the predicted peak and the device's capacity;
+the caller keeps going, and everything the run wrote stays on disk. A dry run goes the same
+way (`dry_run=True`): no steps, then its summary.
 
     run = start_run(RunSpec("tiny-llama-5m", LoRAConfig(rank=8), TrainSetup(batch_size=4, seq_len=128),
-                            out=Path("runs/lora-1"), steps=100))
+                            out="runs/lora-1", steps=100))
     for event in run.events():
         if event["type"] == "step": print(event["step"], event["loss"], event["eta_s"])
         elif event["type"] in ("summary", "stopped", "error"): print(event)
@@ -22,68 +23,51 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from estimator.config import MethodConfig, TrainSetup
-from estimator.options import flags_for
+from .recipe import RunSpec, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 LOG = "worker.log"
 
 
-@dataclass
-class RunSpec:
-    """One run: what `python -m lowrank.train` is told."""
-
-    model: str
-    method: MethodConfig
-    setup: TrainSetup
-    out: Path
-    steps: int = 100
-    lr: float | None = None
-    data: str | None = None
-    eval_every: int = 25
-    seed: int = 0
-    device: str = "auto"
-    extra: tuple[str, ...] = field(default_factory=tuple)
-
-    def command(self, python: str = sys.executable) -> list[str]:
-        cmd = [python, "-m", "lowrank.train", "--model", self.model, "--out", str(self.out),
-               *flags_for(self.method, self.setup), "--steps", str(self.steps), "--eval-every",
-               str(self.eval_every), "--seed", str(self.seed), "--device", self.device, "--no-progress"]
-        if self.lr is not None:
-            cmd += ["--lr", repr(self.lr)]
-        if self.data:
-            cmd += ["--data", self.data]
-        return cmd + list(self.extra)
+def command(spec: RunSpec, dry_run: bool = False, python: str = sys.executable) -> list[str]:
+    """The argv that runs `spec` (`python -m lowrank.train` parses it back into the same spec)."""
+    return [python, "-m", "lowrank.train", *spec.flags(), "--no-progress", *(["--dry-run"] if dry_run else [])]
 
 
-def read_lines(path: Path, offset: int) -> tuple[list[dict], int]:
-    """Complete JSON lines of `path` after byte `offset`, and the offset after them."""
+def read_new_lines(path: Path, offset: int) -> tuple[list[dict], int]:
+    """Complete JSON lines of `path` after byte `offset`, and the offset after them (a line that
+    does not parse is skipped: a reader never fails on what a run wrote)."""
     if not path.exists():
         return [], offset
     with path.open("rb") as f:
         f.seek(offset)
         chunk = f.read()
     end = chunk.rfind(b"\n") + 1  # a half-written last line waits for the next read
-    lines = [json.loads(line) for line in chunk[:end].splitlines() if line.strip()]
+    lines = []
+    for raw in chunk[:end].splitlines():
+        try:
+            line = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(line, dict) and isinstance(line.get("step"), int):
+            lines.append(line)
     return lines, offset + end
 
 
 class Run:
     """A started training process and its run folder."""
 
-    def __init__(self, spec: RunSpec, command: list[str], resume: bool = False) -> None:
+    def __init__(self, spec: RunSpec, argv: list[str]) -> None:
         self.spec, self.out = spec, Path(spec.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self._log = (self.out / LOG).open("ab")
-        self.process = subprocess.Popen(command, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+        self._started_wall = time.time()
+        self.process = subprocess.Popen(argv, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
         self._offset = 0
         self._step_times: list[float] = []
-        self._started = time.monotonic()
         self._stop_requested = False
-        self._resume = resume
 
     @property
     def running(self) -> bool:
@@ -112,7 +96,7 @@ class Run:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             finished = not self.running
-            lines, self._offset = read_lines(self.out / "metrics.jsonl", self._offset)
+            lines, self._offset = read_new_lines(self.out / "metrics.jsonl", self._offset)
             for line in lines:
                 yield self._step_event(line)
             if finished:
@@ -133,19 +117,18 @@ class Run:
 
     def _final_event(self) -> dict:
         code = self.process.returncode
-        summary = read_json(self.out / "summary.json")
-        fresh = summary is not None and (self.out / "summary.json").stat().st_mtime >= self._started_wall()
-        if fresh and summary["status"] == "completed" and code == 0:
+        path = self.out / "summary.json"
+        summary = read_json(path)
+        fresh = summary is not None and path.stat().st_mtime >= self._started_wall
+        status = summary.get("status") if fresh else None
+        if status in ("completed", "dry-run") and code == 0:
             return {"type": "summary", "summary": summary}
-        if fresh and summary["status"] == "stopped":
+        if status == "stopped":
             return {"type": "stopped", "summary": summary}
         message = summary["message"] if fresh and summary.get("message") else self._failure_message(code)
         predicted, capacity = self._predicted_and_capacity(summary if fresh else None)
         return {"type": "error", "message": message, "returncode": code, "predicted_peak_bytes": predicted,
                 "capacity_bytes": capacity, "log_tail": self.log_tail(), "summary": summary if fresh else None}
-
-    def _started_wall(self) -> float:
-        return time.time() - (time.monotonic() - self._started)
 
     def _failure_message(self, code: int | None) -> str:
         if code is not None and code < 0:
@@ -154,19 +137,21 @@ class Run:
             return f"the training process was {why} ({name}); what it wrote so far stays in {self.out}"
         tail = [line for line in self.log_tail().splitlines() if line.strip()]
         last = tail[-1] if tail else f"exit status {code}"
-        return f"the training process failed: {last.removeprefix('python -m lowrank.train: ')}"
+        return f"the training process failed: {last.removeprefix('python -m lowrank.train: ').removeprefix('error: ')}"
 
     def _predicted_and_capacity(self, summary: dict | None) -> tuple[int | None, int | None]:
+        from .device import device_capacity, resolve_device
+
         if summary is not None:
-            return summary.get("predicted", {}).get("peak_bytes"), summary.get("device_capacity_bytes")
+            return (summary.get("predicted") or {}).get("peak_bytes"), summary.get("device_capacity_bytes")
         try:
             from estimator.estimate import estimate
 
-            device = "cpu" if self.spec.device == "cpu" else ("cuda" if _cuda() else "cpu")
-            predicted = estimate(self.spec.model, self.spec.method, self.spec.setup, device=device).total_bytes
+            device = resolve_device(self.spec.device, fake=True)
+            predicted = estimate(self.spec.model, self.spec.method, self.spec.setup, device=device.type).total_bytes
         except ValueError:
-            predicted = None
-        return predicted, _capacity()
+            device, predicted = resolve_device("auto"), None
+        return predicted, device_capacity(device)
 
     def log_tail(self, lines: int = 20) -> str:
         path = self.out / LOG
@@ -175,46 +160,25 @@ class Run:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _capacity() -> int | None:
-    import torch
-
-    from .memory import device_capacity
-
-    return device_capacity(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def start_run(spec: RunSpec, python: str = sys.executable) -> Run:
-    """Launch the run in a new process and return its handle (the run folder is created)."""
-    return Run(spec, spec.command(python))
-
-
-def resume_run(spec: RunSpec, python: str = sys.executable, steps: int | None = None) -> Run:
-    """Continue the run in `spec.out` from its last checkpoint."""
-    command = [python, "-m", "lowrank.train", "--resume", str(spec.out), "--no-progress"]
-    if steps is not None:
-        command += ["--steps", str(steps)]
-    return Run(spec, command, resume=True)
+def start_run(spec: RunSpec, dry_run: bool = False, python: str = sys.executable) -> Run:
+    """Launch the run (or its dry run) in a new process and return its handle (the folder is created)."""
+    return Run(spec, command(spec, dry_run, python))
 
 
 def read_json(path: Path) -> dict | None:
+    """A JSON object from `path`; None when it is missing, unreadable or not an object."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def read_run(out: str | Path) -> dict:
-    """A run folder as data: its config, every metrics line, its summary (None while running)."""
+    """A run folder as data: its config, every metrics line (each step once), its summary (None while running)."""
     out = Path(out)
-    metrics, _ = read_lines(out / "metrics.jsonl", 0)
-    return {"out": str(out), "name": out.name, "config": read_json(out / "config.json"), "metrics": metrics,
-            "summary": read_json(out / "summary.json")}
+    return {"out": str(out), "name": out.name, "config": read_json(out / "config.json"),
+            "metrics": read_metrics(out / "metrics.jsonl"), "summary": read_json(out / "summary.json")}
 
 
 def list_runs(root: str | Path) -> list[dict]:

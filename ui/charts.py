@@ -1,6 +1,6 @@
 """Plotly figures and byte formatting shared by the tabs.
 
-Every memory chart uses DESIGN.md's categories in one fixed order and color, so a bar in the Plan
+Every memory chart uses the categories of estimator/constants.py in one fixed order and color, so a bar in the Plan
 tab and a bar in the Train tab read the same way.
 """
 

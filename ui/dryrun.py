@@ -1,16 +1,13 @@
 """The Dry run tab: "measure" a 7B or 70B training step on fake tensors, beside the estimate.
 
-The step runs in a worker process (`python -m lowrank.train --dry-run`, see lowrank/dryrun.py):
-fake tensors allocate nothing but the memory tracker counts them as real ones, so a laptop
-measures a 70B model's step. The estimate shows at once; the measurement follows in 10-30 s.
+The step runs in a worker process (lowrank.worker, `python -m lowrank.train --dry-run`, see
+lowrank/dryrun.py): fake tensors allocate nothing but the memory tracker counts them as real
+ones, so a laptop measures a 70B model's step. The estimate shows at once; the measurement
+follows in 10-30 s.
 """
 
 from __future__ import annotations
 
-import json
-import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,55 +16,41 @@ import gradio as gr
 import pandas as pd
 
 from estimator.config import MethodConfig, TrainSetup
-from estimator.estimate import CATEGORIES, estimate
+from estimator.estimate import estimate
 from estimator.spec import preset_names
-from lowrank.worker import REPO, RunSpec
+from lowrank.device import FAKE_CUDA_FALLBACK, resolve_device
+from lowrank.recipe import RunSpec
+from lowrank.report import comparison_rows
+from lowrank.worker import start_run
 
 from .charts import comparison_figure, empty_figure, fmt_bytes
-from .widgets import (
-    METHOD_LABELS,
-    method_configs,
-    method_options_block,
-    setup_widgets,
-    show_selected,
-    split_setup,
-)
+from .widgets import METHOD_LABELS, configs_and_setup, method_options_block, setup_widgets, show_selected
 
 TIMEOUT_S = 1800
 
 
 def fake_device(device: str) -> tuple[str, str]:
     """(device the fake tensors use, a note when CUDA falls back to CPU)."""
-    from lowrank.dryrun import CUDA_FALLBACK, resolve_device
-
-    used = resolve_device(device).type
-    return used, (CUDA_FALLBACK if used != device else "")
+    used = resolve_device(device, fake=True).type
+    return used, (FAKE_CUDA_FALLBACK if used != device else "")
 
 
 def breakdown_table(predicted: dict, measured: dict | None) -> pd.DataFrame:
-    rows = []
-    for cat in (*CATEGORIES, "peak"):
-        p = predicted["peak_bytes"] if cat == "peak" else predicted["breakdown"][cat]
-        m = None if measured is None else (measured["peak_bytes"] if cat == "peak" else measured["breakdown"][cat])
-        error = "—" if not m else f"{100 * (p - m) / m:+.2f}%"
-        rows.append({"category": cat, "measured (fake tensors)": fmt_bytes(m), "estimated": fmt_bytes(p),
-                     "estimated − measured": "—" if m is None else fmt_bytes(p - m), "error": error})
-    return pd.DataFrame(rows)
+    """lowrank.report's rows: each category and the peak, measured beside estimated."""
+    return pd.DataFrame([{"category": row.name, "measured (fake tensors)": fmt_bytes(row.measured),
+                          "estimated": fmt_bytes(row.predicted),
+                          "estimated − measured": "—" if row.measured is None else fmt_bytes(row.predicted - row.measured),
+                          "error": "—" if row.error is None else f"{100 * row.error:+.2f}%"}
+                         for row in comparison_rows(predicted, measured)])
 
 
 def measure(model: str, cfg: MethodConfig, setup: TrainSetup, device: str, out: Path) -> dict:
     """The dry run in a worker process; its summary (predicted and measured). ValueError with its message."""
-    command = RunSpec(model, cfg, setup, out=out, steps=1, device=device).command(sys.executable) + ["--dry-run"]
-    try:
-        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise ValueError(f"the dry run took more than {TIMEOUT_S // 60} minutes and was stopped") from None
-    summary = out / "summary.json"
-    if proc.returncode != 0 or not summary.exists():
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        last = lines[-1] if lines else f"exit status {proc.returncode}"
-        raise ValueError(re.sub(r"^python -m lowrank\.train: (error: )?", "", last))
-    return json.loads(summary.read_text())
+    run = start_run(RunSpec(model, cfg, setup, out=str(out), steps=1, device=device), dry_run=True)
+    final = list(run.events(timeout=TIMEOUT_S))[-1]
+    if final["type"] != "summary":
+        raise ValueError(final.get("message") or "the dry run was stopped")
+    return final["summary"]
 
 
 def dry_run_steps(model: str, cfg: MethodConfig, setup: TrainSetup, device: str, root: Path) -> Iterator[tuple]:
@@ -114,8 +97,7 @@ def create_dryrun_tab(root: Path) -> None:
 
     def start(model_name: str, method_name: str, device_name: str, **values):
         try:
-            setup_, option_values = split_setup(values)
-            cfg = method_configs([method_name], option_values)[0]
+            (cfg,), setup_ = configs_and_setup([method_name], values)
             yield from dry_run_steps(model_name, cfg, setup_, device_name, root)
         except ValueError as err:
             raise gr.Error(str(err), title="Dry run failed") from None

@@ -19,14 +19,7 @@ from estimator.gpus import find_gpu, fit_table, gpu_catalog, max_batch_size
 from estimator.spec import ModelSpec, load_spec, preset_table
 
 from .charts import GiB, breakdown_figure, fmt_bytes, sweep_figure
-from .widgets import (
-    METHOD_LABELS,
-    method_configs,
-    method_options_block,
-    setup_widgets,
-    show_selected,
-    split_setup,
-)
+from .widgets import METHOD_LABELS, configs_and_setup, method_options_block, setup_widgets, show_selected
 
 MAX_CONFIG_BYTES = 1 << 20
 SOURCES = ("preset", "hub id or local path", "uploaded config.json")
@@ -156,8 +149,7 @@ def update_plan(source: str, preset: str, hub_id: str, upload: str | None, metho
         hint = "Type a hub id or a local folder, then press Enter." if source == SOURCES[1] else "Upload a config.json."
         return gr.skip(), gr.skip(), gr.skip(), gr.skip(), hint
     try:
-        setup, options = split_setup(values)
-        configs = method_configs(methods, options)
+        configs, setup = configs_and_setup(methods, values)
         model = resolve_model(source, preset, hub_id, upload)
         result = plan_memory(model, configs, setup, sweep_axis, gpu)
     except ValueError as err:
@@ -171,7 +163,7 @@ def estimate_memory(model: str = "llama-7b", method: str = "lora", options: dict
                     batch_size: int = 1, seq_len: int = 256, grad_accum: int = 1, dtype: str = "bf16",
                     autocast: bool = False, grad_checkpointing: bool = False, attn_implementation: str = "sdpa",
                     device: str = "cuda") -> dict:
-    """Predict the memory of one training step: DESIGN.md's estimate object plus `total_bytes` and `gpus`.
+    """Predict the memory of one training step: the estimate's JSON object (`Estimate.to_dict`) plus `total_bytes` and `gpus`.
 
     model: a preset (llama-7b, ...), a hub id or a config.json path. method: full, lora, qlora,
     galore or qgalore. options: that method's dataclass fields, e.g. {"rank": 64, "targets": "all-linear"}.

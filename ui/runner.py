@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import re
 import shutil
 import threading
@@ -20,7 +19,9 @@ from pathlib import Path
 from estimator.config import FullConfig, MethodConfig, TrainSetup
 from estimator.estimate import estimate
 from estimator.spec import preset_names
-from lowrank.worker import Run, RunSpec, start_run
+from lowrank.device import device_capacity, resolve_device
+from lowrank.recipe import RunSpec
+from lowrank.worker import Run, start_run
 
 from .demo import write_task
 from .runs import Board, RunView
@@ -29,13 +30,10 @@ from .widgets import METHOD_LABELS
 DATA_SOURCES = ("Python docs (the default corpus)", "fine-tuning task: docstring → code, from the standard library (prompt → response)",
                 "uploaded .txt or .jsonl")
 MAX_DATA_BYTES = 64 << 20
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    return resolve_device("auto").type == "cuda"
 
 
 class Runner:
@@ -144,30 +142,11 @@ def data_path(choice: str, upload: str | None, root: Path) -> str | None:
     return str(kept)
 
 
-def resolve_device(device: str) -> str:
-    """The estimator's device for a run's --device."""
-    if device not in DEVICES:
-        raise ValueError(f"device={device!r} must be one of {', '.join(DEVICES)}")
-    if device == "cuda" and not cuda_available():
-        raise ValueError("device=cuda but this machine has no CUDA GPU; choose auto or cpu")
-    return "cuda" if device == "cuda" or (device == "auto" and cuda_available()) else "cpu"
-
-
-def capacity_bytes(device: str) -> int | None:
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.get_device_properties(0).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def predict(model: str, cfg: MethodConfig, setup: TrainSetup, device: str) -> dict:
     """The run's predicted memory; ValueError when the model or options are wrong or it cannot fit."""
-    est = estimate(model, cfg, setup, device=resolve_device(device))
-    capacity = capacity_bytes(resolve_device(device))
+    where = resolve_device(device)
+    est = estimate(model, cfg, setup, device=where.type)
+    capacity = device_capacity(where)
     if capacity and est.total_bytes > capacity:
         raise ValueError(f"{METHOD_LABELS[cfg.method]} on {model} needs about {est.total_bytes / 2**30:.1f} GiB, "
                          f"more than this device's {capacity / 2**30:.1f} GiB; lower the batch size or sequence "
@@ -193,7 +172,7 @@ def plan_runs(runner: Runner, model: str, configs: list[MethodConfig], setup: Tr
     for cfg in configs:
         predicted = predict(model, cfg, setup, device)
         out = runner.folder(f"{prefix}{model_slug(model)}-{cfg.method}")
-        spec = RunSpec(model, cfg, setup, out=out, steps=int(steps), lr=lr or None, data=data,
+        spec = RunSpec(model, cfg, setup, out=str(out), steps=int(steps), lr=lr or None, data=data,
                        eval_every=int(eval_every), seed=int(seed), device=device)
         items.append((f"{cfg.method}{' (fine-tune)' if prefix else ''}", spec, predicted))
     return items

@@ -14,18 +14,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from estimator.config import MethodConfig, TrainSetup
+from lowrank.device import DEVICES
 
-from .runner import DATA_SOURCES, DEVICES, Runner, cuda_available, data_path, finetune_demo, train_methods
+from .runner import DATA_SOURCES, Runner, cuda_available, data_path, finetune_demo, train_methods
 from .runs import Board, past_runs, render, view_from_folder
-from .widgets import (
-    METHOD_LABELS,
-    method_configs,
-    method_options_block,
-    setup_widgets,
-    show_selected,
-    split_setup,
-)
+from .widgets import METHOD_LABELS, configs_and_setup, method_options_block, setup_widgets, show_selected
 
 TINY = ("tiny-llama-5m", "tiny-llama-20m")
 RENDER_EVERY = 0.5  # seconds between live updates of the page
@@ -117,11 +110,6 @@ class TrainHandlers:
             raise gr.Error("pick one or more past runs first", title="Nothing to show")
         board = Board([view_from_folder(f) for f in folders], status=f"{len(folders)} past run(s)")
         return render(board, with_downloads=True)
-
-
-def configs_and_setup(methods: list[str], values: dict) -> tuple[list[MethodConfig], TrainSetup]:
-    setup, options = split_setup(values)
-    return method_configs(methods, options), setup
 
 
 def output_panel() -> list:

@@ -184,6 +184,12 @@ def train_setup(batch_size: float, seq_len: float, grad_accum: float, dtype: str
                       grad_checkpointing=bool(grad_checkpointing), attn_implementation=attn_implementation)
 
 
+def configs_and_setup(methods: list[str], values: dict[str, Any]) -> tuple[list[MethodConfig], TrainSetup]:
+    """The chosen methods' dataclasses and the TrainSetup from a tab's widget values (keyword inputs)."""
+    setup, options = split_setup(values)
+    return method_configs(methods, options), setup
+
+
 def split_setup(values: dict[str, Any]) -> tuple[TrainSetup, dict[str, Any]]:
     """(TrainSetup from the setup keys, the remaining values: method options)."""
     names = ("batch_size", "seq_len", "grad_accum", "dtype", "autocast", "grad_checkpointing", "attn_implementation")

@@ -20,11 +20,13 @@ def free_port() -> int:
 def served_app(tmp_path_factory):
     """(url, runs folder) of the app running in a background thread for the whole session."""
     import app
+    from ui.runner import Runner
 
     runs = tmp_path_factory.mktemp("runs")
-    demo = app.build_ui(runs)
+    runner = Runner(runs)
+    demo = app.build_ui(runs, runner)
     port = free_port()
-    app.launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+    app.launch(demo, runs, port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", runs
-    demo.runner.stop_all()
+    runner.stop_all()
     demo.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import zipfile
@@ -88,12 +89,13 @@ def test_a_page_that_goes_away_ends_its_worker(tmp_path):
 def test_a_failed_run_is_reported_and_the_next_one_still_runs(tmp_path):
     runner, board = Runner(tmp_path), Board()
     items = plan_runs(runner, "tiny-llama-5m", [LoRAConfig(), LoRAConfig(rank=2)], SETUP, 2, None, None, 0, 0, "cpu")
-    items[0][1].extra = ("--warmup", "-1")  # the worker refuses it
+    label, spec, predicted = items[0]  # its data file goes away before the worker starts: it refuses
+    items[0] = (label, dataclasses.replace(spec, data=str(tmp_path / "gone.txt")), predicted)
     from ui.runner import run_sequence
 
     list(run_sequence(runner, "s", board, items))
     assert [v.status for v in board.runs] == ["failed", "completed"]
-    assert "warmup" in board.runs[0].message
+    assert "gone.txt' does not exist" in board.runs[0].message
     assert results_table(board)["status"].tolist() == ["failed", "completed"]
 
 

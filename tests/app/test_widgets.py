@@ -34,9 +34,20 @@ def test_slider_floats_become_the_field_types():
     assert galore == GaLoreConfig(update_proj_gap=50)
 
 
-def test_each_tab_keeps_its_own_defaults():
-    q = method_configs(["qgalore"], defaults())[0]
-    assert q == QGaLoreConfig() and q.optimizer == "adamw8bit" and q.layerwise
+def test_each_tab_keeps_its_own_defaults(tmp_path):
+    """Each tab builds its own widgets: the Train tab's shorter refresh gap is not the Plan tab's,
+    and every tab's Q-GaLore widgets start at Q-GaLore's own defaults (8-bit Adam, layer-wise)."""
+    import app
+
+    demo = app.build_ui(tmp_path)
+    by_id = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    gaps = {tab: by_id[f"{tab}-galore-update_proj_gap"] for tab in ("plan", "train", "dryrun")}
+    assert len({id(widget) for widget in gaps.values()}) == 3  # three widgets, not one shared
+    assert {tab: w.value for tab, w in gaps.items()} == {"plan": 200, "train": 25, "dryrun": 200}
+    for tab in ("plan", "train", "dryrun"):
+        q = {name: by_id[f"{tab}-qgalore-{name}"].value for name in ("optimizer", "layerwise", "update_proj_gap")}
+        assert q["optimizer"] == QGaLoreConfig().optimizer == "adamw8bit" and q["layerwise"] is True
+        assert q["update_proj_gap"] == (25 if tab == "train" else QGaLoreConfig().update_proj_gap)
 
 
 @pytest.mark.parametrize("change, words", [

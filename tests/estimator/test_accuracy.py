@@ -10,31 +10,16 @@ import pytest
 import torch
 
 from estimator.config import FullConfig, GaLoreConfig, LoRAConfig, QGaLoreConfig, QLoRAConfig, TrainSetup
-from estimator.estimate import estimate_spec
-from estimator.spec import spec_from_config
-from lowrank.methods import prepare
 from lowrank.report import compare_memory
-from lowrank.step import measure_step, training_step
-from tests.conftest import tiny_config
+from tests.helpers import measured_beside_predicted, tiny_model
 
 WIDER = dict(hidden_size=128, intermediate_size=344, num_attention_heads=4, num_key_value_heads=2,
              num_hidden_layers=2, vocab_size=512)
 
 
-def predicted_and_measured(method, setup, model_type="llama", **overrides):
-    from transformers import AutoModelForCausalLM
-
-    config = tiny_config(model_type, attn=setup.attn_implementation, **overrides)
-    torch.manual_seed(0)
-    prepared = prepare(AutoModelForCausalLM.from_config(config), method, setup, lr=1e-4)
-    batches = []
-    for _ in range(setup.grad_accum):
-        ids = torch.randint(0, config.vocab_size, (setup.batch_size, setup.seq_len))
-        batches.append({"input_ids": ids, "labels": ids})
-    training_step(prepared.model, prepared.optimizer, batches, setup)  # optimizer states now exist
-    _, measured = measure_step(prepared.model, prepared.optimizer, batches, setup)
-    predicted = estimate_spec(spec_from_config(config, model_type), method, setup, device="cpu")
-    return predicted.to_dict(), measured.to_dict()
+def predicted_and_measured(method, setup, model_type="llama", batches=None, **overrides):
+    model = tiny_model(model_type, attn=setup.attn_implementation, **overrides)
+    return measured_beside_predicted(model, method, setup, batches)
 
 
 def assert_close(predicted, measured):
@@ -76,20 +61,12 @@ def test_every_method(method, setup):
                          ids=lambda m: m.method)
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_padded_batches_take_the_masked_attention_path(method, checkpointing):
-    from transformers import AutoModelForCausalLM
-
     setup = TrainSetup(batch_size=2, seq_len=128, padded=True, grad_checkpointing=checkpointing)
-    config = tiny_config("llama", **WIDER)
-    torch.manual_seed(0)
-    prepared = prepare(AutoModelForCausalLM.from_config(config), method, setup, lr=1e-4)
-    ids = torch.randint(0, config.vocab_size, (2, 128))
+    ids = torch.randint(0, WIDER["vocab_size"], (2, 128), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 128, dtype=torch.long)
     mask[0, 90:] = 0  # a short prompt/response row, right-padded
     batches = [{"input_ids": ids, "labels": ids.masked_fill(mask == 0, -100), "attention_mask": mask}]
-    training_step(prepared.model, prepared.optimizer, batches, setup)
-    _, measured = measure_step(prepared.model, prepared.optimizer, batches, setup)
-    predicted = estimate_spec(spec_from_config(config, "llama"), method, setup, device="cpu")
-    assert_close(predicted.to_dict(), measured.to_dict())
+    assert_close(*predicted_and_measured(method, setup, batches=batches, **WIDER))
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma", "gpt2"])

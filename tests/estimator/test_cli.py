@@ -1,4 +1,4 @@
-"""`python -m estimator`: DESIGN.md's JSON contract, a readable table, one-line errors with status 2."""
+"""`python -m estimator`: the JSON contract (docs/design.md), a readable table, one-line errors with status 2."""
 
 from __future__ import annotations
 

@@ -9,27 +9,19 @@ import torch
 from estimator import estimate as est
 from estimator import gpus
 from estimator import memory as mem
-from estimator.config import (
-    FullConfig,
-    GaLoreConfig,
-    LoRAConfig,
-    QGaLoreConfig,
-    QLoRAConfig,
-    TrainSetup,
-)
+from estimator.config import FullConfig, GaLoreConfig, LoRAConfig, QGaLoreConfig, QLoRAConfig, TrainSetup
 from estimator.spec import spec_from_config
 from lowrank.memory import MemoryTracker
 from lowrank.methods import prepare
 from lowrank.step import training_step
-from tests.conftest import TINY, tiny_config, tiny_model
+from tests.helpers import TINY, tiny_config, tiny_model
 
 
-def stored_bytes(model, optimizer=None) -> dict[str, int]:
-    """Bytes of every distinct storage the model (and optimizer) hold, by category."""
+def stored_bytes(prepared) -> dict[str, int]:
+    """Bytes of every distinct storage the prepared model and its optimizer hold, by category."""
     tracker = MemoryTracker()
-    tracker.watch_model(model)
-    if optimizer is not None:
-        tracker.watch_optimizer(optimizer)
+    tracker.watch_model(prepared.model)
+    tracker.watch(prepared.state_tensors(), "optimizer")
     return tracker.breakdown_at(tracker.clock)
 
 
@@ -38,7 +30,7 @@ def one_step(model_type: str, method, dtype: str = "bf16", **overrides):
     setup = TrainSetup(batch_size=2, seq_len=16, dtype=dtype)
     prepared = prepare(model, method, setup, lr=1e-3)
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
-    training_step(prepared.model, prepared.optimizer, [{"input_ids": ids, "labels": ids}], setup)
+    training_step(prepared, [{"input_ids": ids, "labels": ids}], setup)
     return prepared, spec_from_config(model.config, model_type), setup
 
 
@@ -56,29 +48,15 @@ def test_weights_equal_numel_times_itemsize(model_type, dtype, torch_dtype):
 def test_qlora_weights_are_the_stored_nf4_bytes(double_quant, targets):
     method = QLoRAConfig(rank=4, double_quant=double_quant, targets=targets)
     prepared, spec, setup = one_step("llama", method)
-    real = stored_bytes(prepared.model)
+    real = stored_bytes(prepared)
     assert mem.weights_bytes(spec, method, setup) == real["weights"]
     assert mem.adapters_bytes(spec, method, setup) == real["adapters"]
-
-
-def test_nf4_formula_on_a_real_layer():
-    import bitsandbytes as bnb  # noqa: F401  (registers the quantization ops)
-    from bitsandbytes.functional import quantize_4bit
-
-    for double_quant in (True, False):
-        weight = torch.randn(384, 1024, dtype=torch.bfloat16)
-        codes, state = quantize_4bit(weight, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
-        tensors = [codes, state.absmax, state.code]
-        if double_quant:
-            tensors += [state.state2.absmax, state.state2.code, state.offset]
-        real = sum(t.numel() * t.element_size() for t in tensors)
-        assert mem.nf4_bytes(weight.numel(), double_quant) == real
 
 
 def test_qgalore_int8_weights_and_int4_projections():
     method = QGaLoreConfig(rank=8, update_proj_gap=5)
     prepared, spec, setup = one_step("llama", method)
-    real = stored_bytes(prepared.model, prepared.optimizer)
+    real = stored_bytes(prepared)
     assert mem.weights_bytes(spec, method, setup) == real["weights"]
     assert mem.optimizer_bytes(spec, method, setup) == real["optimizer"]
 
@@ -88,14 +66,14 @@ def test_qgalore_int8_weights_and_int4_projections():
 def test_full_optimizer_states_after_one_step(optimizer, dtype):
     method = FullConfig(optimizer=optimizer)
     prepared, spec, setup = one_step("llama", method, dtype, intermediate_size=4096)  # some 8-bit sized tensors
-    assert mem.optimizer_bytes(spec, method, setup) == stored_bytes(prepared.model, prepared.optimizer)["optimizer"]
+    assert mem.optimizer_bytes(spec, method, setup) == stored_bytes(prepared)["optimizer"]
 
 
 @pytest.mark.parametrize("method", [LoRAConfig(rank=8), LoRAConfig(rank=4, targets="attention", optimizer="adamw8bit"),
                                     QLoRAConfig(rank=8, optimizer="sgd")])
 def test_lora_optimizer_states_after_one_step(method):
     prepared, spec, setup = one_step("llama", method)
-    assert mem.optimizer_bytes(spec, method, setup) == stored_bytes(prepared.model, prepared.optimizer)["optimizer"]
+    assert mem.optimizer_bytes(spec, method, setup) == stored_bytes(prepared)["optimizer"]
 
 
 @pytest.mark.parametrize("method", [GaLoreConfig(rank=8), GaLoreConfig(rank=8, optimizer="adamw8bit"),
@@ -104,27 +82,13 @@ def test_lora_optimizer_states_after_one_step(method):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_galore_optimizer_states_after_one_step(method, dtype):
     prepared, spec, setup = one_step("llama", method, dtype, intermediate_size=4096)
-    assert mem.optimizer_bytes(spec, method, setup) == stored_bytes(prepared.model, prepared.optimizer)["optimizer"]
+    assert mem.optimizer_bytes(spec, method, setup) == stored_bytes(prepared)["optimizer"]
 
 
 def test_trainable_parameter_counts():
     for method in (FullConfig(), LoRAConfig(rank=4), QLoRAConfig(rank=4), GaLoreConfig(rank=8), QGaLoreConfig(rank=8)):
         prepared, spec, _ = one_step("llama", method)
         assert mem.params_trainable(spec, method) == prepared.trainable_parameters()
-
-
-def test_stochastic_rounding_work_space():
-    from lowrank.qgalore import Int8Linear
-
-    layer = Int8Linear.from_linear(torch.nn.Linear(512, 1024, bias=False))
-    update = torch.randn(1024, 512) * 1e-3
-    tracker = MemoryTracker()
-    tracker.watch(layer.buffers(), "weights")
-    tracker.watch([update], "transient")
-    base = tracker.current_bytes
-    with tracker:
-        layer.apply_update(update)
-    assert tracker.result().peak_bytes - base == pytest.approx(est.stochastic_rounding_temps(update.numel()), rel=0.01)
 
 
 def test_gpu_fit_uses_peak_plus_overhead():

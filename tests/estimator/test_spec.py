@@ -9,7 +9,7 @@ import torch
 
 from estimator.spec import load_spec, preset_names, spec_from_config
 from estimator.targets import is_linear, linear_shape
-from tests.conftest import TINY, tiny_config, tiny_model
+from tests.helpers import TINY, tiny_config, tiny_model
 
 ARCHITECTURES = list(TINY)
 

@@ -21,7 +21,7 @@ from lowrank.data import (
     read_jsonl,
     split_rows,
 )
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 VOCAB = 400
 SEQ = 32

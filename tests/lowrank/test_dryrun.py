@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
+import json
 import resource
 import warnings
 
@@ -14,12 +14,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from estimator.config import FullConfig, GaLoreConfig, LoRAConfig, QGaLoreConfig, QLoRAConfig, TrainSetup
 from estimator.estimate import estimate
 from estimator.spec import load_config
-from lowrank.dryrun import dry_run, main, micro_batches, resolve_device
+from lowrank.device import resolve_device
+from lowrank.dryrun import dry_run, micro_batches
 from lowrank.memory import MemoryTracker
 from lowrank.methods import prepare
 from lowrank.quant import dequantize, quantize, stochastic_update_
-from lowrank.step import measure_step, training_step
-from tests.conftest import tiny_config
+from lowrank.step import measure_steady_step
+from lowrank.train import main
+from tests.helpers import tiny_config
 
 SETUP = TrainSetup(batch_size=2, seq_len=16)
 GiB = 2**30
@@ -41,9 +43,7 @@ def real_step(model_source: str, method, setup: TrainSetup):
     config = load_config(model_source)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=setup.attn_implementation)
     prepared = prepare(model, method, setup, lr=1e-3)
-    batches = micro_batches(config.vocab_size, setup, torch.device("cpu"))
-    training_step(prepared.model, prepared.optimizer, batches, setup)
-    return measure_step(prepared.model, prepared.optimizer, batches, setup)[1]
+    return measure_steady_step(prepared, micro_batches(config.vocab_size, setup, torch.device("cpu")), setup)
 
 
 def same(fake, real) -> bool:
@@ -128,7 +128,7 @@ def test_llama_7b_lora_matches_the_estimate_without_allocating_the_model():
 def test_cuda_falls_back_to_cpu_without_a_cuda_build(tiny):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available: fake CUDA tensors work")
-    assert resolve_device("cuda") == torch.device("cpu")
+    assert resolve_device("cuda", fake=True) == torch.device("cpu")
     with pytest.warns(UserWarning, match="fake CUDA tensors need a PyTorch built with CUDA"):
         measured = dry_run(tiny, LoRAConfig(rank=4), SETUP, device="cuda")
     assert same(measured, dry_run(tiny, LoRAConfig(rank=4), SETUP, device="cpu"))
@@ -141,36 +141,27 @@ def test_fake_cuda_counts_512_byte_blocks(tiny, gpu):
         assert measured.peak_bytes > 0 and all(v % 512 == 0 for v in measured.breakdown.values()), measured
 
 
-def test_command_line_prints_measured_beside_estimated(tiny, capsys):
+def test_command_line_prints_measured_beside_estimated(tiny, tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main([tiny, "--method", "qlora", "--rank", "4", "--batch-size", "2", "--seq-len", "16",
-                     "--device", "cpu"]) == 0
+        assert main(["--model", tiny, "--method", "qlora", "--rank", "4", "--batch-size", "2", "--seq-len", "16",
+                     "--device", "cpu", "--dry-run", "--out", str(tmp_path / "dry")]) == 0
     out = capsys.readouterr().out
-    for word in ("weights", "adapters", "activations", "peak", "estimate error at the peak", "fake device: cpu"):
+    for word in ("weights", "adapters", "activations", "peak", "estimate error at the peak", "fake cpu tensors"):
         assert word in out
+    summary = json.loads((tmp_path / "dry" / "summary.json").read_text())
+    assert summary["status"] == "dry-run" and summary["comparison"]["within_targets"]
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["llama-7", "--method", "lora"], "unknown preset"),
-    (["llama-7b", "--method", "lora", "--update-proj-gap", "5"], "--update-proj-gap does not apply"),
-    (["llama-7b", "--method", "galore", "--rank", "9000"], "rank=9000"),
-    (["llama-7b", "--method", "lora", "--device", "tpu"], "invalid choice"),
+    (["--model", "llama-7", "--method", "lora"], "unknown preset"),
+    (["--model", "llama-7b", "--method", "lora", "--update-proj-gap", "5"], "--update-proj-gap does not apply"),
+    (["--model", "llama-7b", "--method", "galore", "--rank", "9000"], "--rank 9000"),
+    (["--model", "llama-7b", "--method", "lora", "--device", "tpu"], "--device 'tpu' must be auto, cpu or cuda"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(argv)
+        main([*argv, "--dry-run"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
-
-
-def test_module_runs_as_a_script(tiny):
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-m", "lowrank.dryrun", tiny, "--method", "lora", "--rank", "4",
-                           "--seq-len", "16", "--device", "cpu"], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))), timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "estimate error at the peak" in done.stdout

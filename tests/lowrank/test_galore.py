@@ -10,11 +10,12 @@ import warnings
 import pytest
 import torch
 
-from estimator.config import GaLoreConfig
+from estimator.config import GaLoreConfig, TrainSetup
 from lowrank import projector as projector_module
 from lowrank.galore import GaLoreAdamW, build_galore_optimizer, galore_param_groups
+from lowrank.methods import LowRankOptimizer, Prepared
 from lowrank.projector import GaLoreProjector, exact_svd, randomized_svd
-from lowrank.step import measure_optimizer_step
+from lowrank.step import measure_optimizer_step, training_step
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -46,20 +47,18 @@ def batches(n: int, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randint(0, 128, (4, 32), generator=gen) for _ in range(n)]
 
 
+def prepared(model, optimizer) -> Prepared:
+    """Ours report the norm (LowRankOptimizer); galore-torch's do not."""
+    lowrank = optimizer if isinstance(optimizer, LowRankOptimizer) else None
+    return Prepared(model, optimizer, GaLoreConfig(), lowrank=lowrank)
+
+
 def train(model, optimizer, data: list[torch.Tensor], accum: int = 1) -> tuple[list[float], list[float]]:
     """One optimizer step per `accum` consecutive batches; returns losses and grad norms per step."""
-    losses, norms = [], []
-    for start in range(0, len(data), accum):
-        total = 0.0
-        for x in data[start:start + accum]:
-            loss = model(input_ids=x, labels=x, use_cache=False).loss / accum
-            loss.backward()
-            total += loss.item()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(total)
-        norms.append(getattr(optimizer, "grad_norm", None))
-    return losses, norms
+    outcomes = [training_step(prepared(model, optimizer), [{"input_ids": x, "labels": x} for x in
+                                                           data[start:start + accum]], TrainSetup())
+                for start in range(0, len(data), accum)]
+    return [o.loss for o in outcomes], [o.grad_norm for o in outcomes]
 
 
 def max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
@@ -180,8 +179,7 @@ def test_layerwise_matches_normal_path(model, accum, optim, stagger):
     cfg = GaLoreConfig(rank=8, update_proj_gap=2, scale=0.25, optimizer=optim, stagger=stagger)
     normal = build_galore_optimizer(model, cfg, lr=1e-2, weight_decay=0.05, grad_clip=0.3)
     layerwise = build_galore_optimizer(layerwise_model, dataclasses.replace(cfg, layerwise=True),
-                                       lr=1e-2, weight_decay=0.05, grad_clip=0.3)
-    layerwise.grad_accum = accum
+                                       lr=1e-2, weight_decay=0.05, grad_clip=0.3, grad_accum=accum)
     data = batches(5 * accum)  # 5 steps: refreshes at 0, 2, 4
     _, norms = train(model, normal, data, accum)
     _, layerwise_norms = train(layerwise_model, layerwise, data, accum)
@@ -193,8 +191,8 @@ def test_layerwise_matches_normal_path(model, accum, optim, stagger):
 def test_layerwise_accumulation_keeps_low_rank_gradients_only(model):
     """Between micro-batches: projected weights hold an r-sized sum, others their .grad; on a
     refresh step (here the first) projected weights keep the full gradient for the SVD."""
-    optimizer = build_galore_optimizer(model, GaLoreConfig(rank=4, update_proj_gap=200, layerwise=True), lr=1e-3)
-    optimizer.grad_accum = 3
+    optimizer = build_galore_optimizer(model, GaLoreConfig(rank=4, update_proj_gap=200, layerwise=True), lr=1e-3,
+                                       grad_accum=3)
     projected = {id(p) for _, p in galore_param_groups(model, GaLoreConfig(rank=4))[0]["params"]}
     data = batches(4)
     model(input_ids=data[0], labels=data[0], use_cache=False).loss.backward()
@@ -208,8 +206,8 @@ def test_layerwise_accumulation_keeps_low_rank_gradients_only(model):
 
 
 def test_layerwise_rejects_more_micro_batches_than_told(model):
-    optimizer = build_galore_optimizer(model, GaLoreConfig(rank=4, layerwise=True), lr=1e-3)
-    optimizer.grad_accum = 1
+    optimizer = build_galore_optimizer(model, GaLoreConfig(rank=4, layerwise=True), lr=1e-3, grad_accum=1)
+    assert optimizer.layerwise and optimizer.grad_accum == 1  # its hooks count the backward passes
     x = batches(1)[0]
     model(input_ids=x, labels=x, use_cache=False).loss.backward()
     with pytest.raises(RuntimeError, match="grad_accum=1"):
@@ -332,6 +330,15 @@ def test_step_allocates_no_full_size_temporary(model):
     x = batches(1)[0]
     train(model, optimizer, [x])
     model(input_ids=x, labels=x, use_cache=False).loss.backward()
-    transient = measure_optimizer_step(model, optimizer).breakdown["transient"]
+    transient = measure_optimizer_step(prepared(model, optimizer)).breakdown["transient"]
     smallest_weight = min(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     assert 0 < transient < smallest_weight
+
+
+def test_our_galore_optimizers_declare_what_the_loop_may_ask(model):
+    from lowrank.qgalore import QGaLoreAdamW
+
+    ours = build_galore_optimizer(model, GaLoreConfig(rank=4), lr=1e-3)
+    assert isinstance(ours, LowRankOptimizer) and LowRankOptimizer in QGaLoreAdamW.__mro__
+    assert not isinstance(torch.optim.AdamW(model.parameters()), LowRankOptimizer)
+    assert ours.extra_trainable_numel() == 0 and ours.grad_accum == 1 and not ours.layerwise

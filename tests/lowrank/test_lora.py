@@ -23,7 +23,7 @@ from lowrank.lora import (
     save_adapter,
     unmerge_lora,
 )
-from tests.conftest import train_losses
+from tests.helpers import train_losses
 
 VOCAB = 128
 

@@ -12,6 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from estimator.config import QGaLoreConfig
+from lowrank.projector import GaLoreProjector
 from lowrank.qgalore import AdaptiveGap, Int8Linear, QuantizedStore, int8_linears, quantize_model_weights
 from lowrank.quant import QuantizedMatrix
 
@@ -225,7 +226,6 @@ def orthonormal(m: int, r: int, seed: int) -> torch.Tensor:
 
 
 def refresh(gap: AdaptiveGap, projection: torch.Tensor, step: int) -> float | None:
-    assert gap.should_refresh(step)
     return gap.record(projection, step)
 
 
@@ -263,13 +263,13 @@ def test_dissimilar_subspaces_keep_the_gap():
     assert gap.gap == 5 and all(s == pytest.approx(0.0, abs=1e-5) for s in gap.similarities[1:])
 
 
-def test_schedule_offset_and_non_adaptive():
-    gap = AdaptiveGap(10, "left", queue_size=1, adaptive=False, offset=3)
-    assert gap.should_refresh(0)
-    gap.record(orthonormal(8, 2, 0), 0)
-    assert [s for s in range(20) if gap.should_refresh(s)][0] == 3  # staggered: second SVD at the offset
-    gap.record(orthonormal(8, 2, 0), 3)
-    assert not gap.should_refresh(12) and gap.should_refresh(13) and gap.gap == 10  # never doubles
+def test_the_projector_keeps_the_schedule_staggered_and_non_adaptive_never_doubles():
+    projector = GaLoreProjector((32, 8), 2, 10, offset=3)
+    projector.on_refresh = gap = AdaptiveGap(10, "right", queue_size=1, adaptive=False)
+    grad = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    refreshed = [step for step in range(30) if projector.due(step) and projector.refresh(grad, step)]
+    assert refreshed == [0, 3, 13, 23]  # staggered: the second SVD at the offset, then every gap
+    assert gap.gap == 10 and gap.svd_count == 4 and all(s == pytest.approx(1.0) for s in gap.similarities[1:])
 
 
 def test_explicit_old_projection_and_state_dict():
@@ -280,7 +280,7 @@ def test_explicit_old_projection_and_state_dict():
     again = AdaptiveGap(10, "left", queue_size=2)
     again.load_state_dict(gap.state_dict())
     assert again.history == gap.history and list(again.queue) == list(gap.queue)
-    assert again.should_refresh(19) == gap.should_refresh(19) and torch.equal(again.last_vector, gap.last_vector)
+    assert again.gap == gap.gap and torch.equal(again.last_vector, gap.last_vector)
     with pytest.raises(ValueError, match="side='up'"):
         AdaptiveGap(10, "up")
     with pytest.raises(ValueError, match="gap=0"):
@@ -319,14 +319,14 @@ def _qgalore_run(cfg: QGaLoreConfig, steps: int, grad_accum: int = 1, seed: int 
     from estimator.config import TrainSetup
     from lowrank.methods import prepare
     from lowrank.step import training_step
-    from tests.conftest import tiny_model
+    from tests.helpers import tiny_model
 
     setup = TrainSetup(batch_size=4, seq_len=32, dtype="fp32", grad_accum=grad_accum)
     prepared = prepare(tiny_model("llama", seed=seed), cfg, setup, lr=1e-2)
     torch.manual_seed(seed)
     ids = torch.randint(0, 256, (4, 32))
     batches = [{"input_ids": ids, "labels": ids}] * grad_accum
-    losses = [training_step(prepared.model, prepared.optimizer, batches, setup) for _ in range(steps)]
+    losses = [training_step(prepared, batches, setup).loss for _ in range(steps)]
     return prepared, losses
 
 
@@ -340,7 +340,7 @@ def test_qgalore_optimizer_lowers_the_loss(layerwise, grad_accum):
 
 
 def tiny_model_params():
-    from tests.conftest import tiny_model
+    from tests.helpers import tiny_model
 
     return list(tiny_model("llama").parameters())
 

@@ -21,7 +21,7 @@ from lowrank.lora import (
     save_adapter,
 )
 from lowrank.qlora import apply_qlora, quantize_linears, quantized_weight_bytes
-from tests.conftest import train_losses
+from tests.helpers import train_losses
 from tests.lowrank.test_lora import VOCAB, logits, randomize_adapters, tiny_llama
 
 LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down

@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from estimator.constants import quantized_nbytes
 from lowrank.quant import (
     QuantizedMatrix,
     dequantize,
     num_groups,
     pack_int4,
     quantize,
-    quantized_nbytes,
     stochastic_update_,
     unpack_int4,
 )
