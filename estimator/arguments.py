@@ -19,7 +19,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit status 2 (no usage dump)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
 
 
 def add_options(parser, options: tuple[Option, ...]) -> None:

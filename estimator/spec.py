@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from .config import shown
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 # The activation model of estimator/activations.py follows these module structures.
@@ -103,48 +105,174 @@ def preset_names() -> list[str]:
     return list(preset_table())
 
 
+# What load_config reads from a user: bounded, so a hostile or broken input fails in milliseconds
+# with a message instead of filling memory or building a model for minutes.
+MAX_SOURCE_CHARS = 1024  # a preset name, a path or a hub id
+MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KB; the Plan tab's upload has the same cap
+MAX_JSON_DEPTH = 32  # real configs nest 3 or 4 levels (text_config, rope_scaling, ...)
+# Size fields of a config (any nesting level): whole numbers from 1 to a bound beyond any released
+# model (the deepest has ~130 layers, the widest a hidden size of ~25k, the largest vocabulary
+# ~260k), so that building the model on the meta device stays fast and every byte count of an
+# estimate stays far inside 64 bits.
+SIZE_LIMITS = {
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers"), 1024),
+    **dict.fromkeys(("hidden_size", "n_embd", "d_model"), 1 << 17),
+    **dict.fromkeys(("intermediate_size", "n_inner", "ffn_dim", "moe_intermediate_size"), 1 << 20),
+    "vocab_size": 1 << 22,
+    **dict.fromkeys(("num_attention_heads", "n_head", "num_key_value_heads"), 4096),
+    "head_dim": 1 << 14,
+    **dict.fromkeys(("max_position_embeddings", "n_positions"), 1 << 24),
+    **dict.fromkeys(("num_local_experts", "num_experts", "n_routed_experts"), 1024),
+}
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """A message from elsewhere (transformers, the OS) as one line of at most `limit` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _json_depth(data) -> int:
+    """How deeply objects and arrays nest (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def check_sizes(data: dict, where: str) -> None:
+    """ValueError naming the first size field (at any nesting level) that no real model has."""
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            if key in SIZE_LIMITS and value is not None:
+                values = value if isinstance(value, list) else [value]
+                top = SIZE_LIMITS[key]
+                for v in values:
+                    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
+                        raise ValueError(f"{where}: {key}={shown(value)} must be a whole number from 1 to {top:,} "
+                                         f"(beyond any real model); fix the config")
+            elif isinstance(value, (dict, list)):
+                stack.append(value)
+
+
+def config_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises on a config it cannot use (its strict dataclasses' errors included)."""
+    errors: tuple[type[BaseException], ...] = (ValueError, KeyError, TypeError, AttributeError, IndexError,
+                                               ZeroDivisionError, OverflowError, RecursionError, RuntimeError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub: no strict dataclasses
+        return errors
+    return (*errors, StrictDataclassError)
+
+
 def _config_from_dict(data: dict, where: str):
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     data = dict(data)
     model_type = data.pop("model_type", None)
     if not model_type:
         raise ValueError(f"{where} has no \"model_type\"; add one (for example \"llama\") to describe the architecture")
+    if not isinstance(model_type, str):
+        raise ValueError(f"{where}: model_type={shown(model_type)} must be a string such as \"llama\"")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"{where}: model_type={shown(model_type)} is not a transformers architecture this install "
+                         f"knows; use a known model_type such as llama, mistral, qwen2, gemma, gpt2, gpt_neox")
     try:
         return AutoConfig.for_model(model_type, **data)
-    except (ValueError, KeyError) as err:
-        raise ValueError(f"{where}: model_type={model_type!r} is not a transformers architecture this install knows "
-                         f"({err.__class__.__name__}); use a known model_type such as llama, mistral, qwen2, gemma, "
-                         f"gpt2, gpt_neox") from None
+    except config_errors() as err:
+        raise ValueError(f"{where}: transformers cannot read this {model_type} config ({err.__class__.__name__}: "
+                         f"{one_line(err, 200)}); check its values") from None
+
+
+def _read_config_file(path: Path) -> dict:
+    """The JSON object in a config.json: at most MAX_CONFIG_BYTES, nested at most MAX_JSON_DEPTH deep."""
+    where = f"config {str(path)!r}"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ValueError(f"cannot read {where}: {err.strerror or err}; check the path and permissions") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{where} is larger than 1 MB; a config.json is a few KB — point to the model's "
+                         f"config.json, not its weights")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{where} is not UTF-8 text; point to the model's config.json") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where} is not valid JSON (line {err.lineno}: {err.msg}); fix the file") from None
+    except RecursionError:
+        raise ValueError(f"{where} nests deeper than {MAX_JSON_DEPTH} levels; a config.json nests a few — "
+                         f"fix the file") from None
+    except ValueError as err:  # e.g. an integer longer than Python converts
+        raise ValueError(f"{where} is not valid JSON ({one_line(err, 120)}); fix the file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must hold a JSON object, not {type(data).__name__}")
+    if _json_depth(data) > MAX_JSON_DEPTH:
+        raise ValueError(f"{where} nests deeper than {MAX_JSON_DEPTH} levels; a config.json nests a few — "
+                         f"fix the file")
+    check_sizes(data, where)
+    return data
 
 
 def _looks_like_hub_id(source: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", source))
 
 
+def _check_source(source) -> str:
+    """The stripped model argument, or ValueError: not a string, empty, or longer than MAX_SOURCE_CHARS."""
+    if not isinstance(source, str):
+        raise ValueError(f"model={shown(source)} must be a string: a preset name, a config.json path, "
+                         f"a folder or a hub id")
+    source = source.strip()
+    if not source:
+        raise ValueError("model is empty; give a preset name (e.g. llama-7b), a config.json path, a folder "
+                         "or a hub id")
+    if len(source) > MAX_SOURCE_CHARS:
+        raise ValueError(f"model={shown(source)} is {len(source):,} characters long; a preset name, path or hub id "
+                         f"is at most {MAX_SOURCE_CHARS:,}")
+    return source
+
+
+def _path_kind(path: Path, source: str) -> str | None:
+    """"dir", "file" or None (nothing there); ValueError when the OS refuses the name itself."""
+    try:
+        if path.is_dir():
+            return "dir"
+        return "file" if path.is_file() else None
+    except OSError as err:  # a name too long for the file system, a loop of links, ...
+        raise ValueError(f"model={source!r} cannot be used as a path ({err.strerror or err}); give a preset, "
+                         f"a config.json path, a model folder or a hub id") from None
+
+
 def load_config(source: str, trust_remote_code: bool = False):
     """A transformers config from a preset name, a config.json path, a model folder or a hub id."""
-    if not isinstance(source, str) or not source.strip():
-        raise ValueError("model is empty; give a preset name (e.g. llama-7b), a config.json path, a folder or a hub id")
-    source = source.strip()
+    source = _check_source(source)
     presets = preset_table()
     if source in presets:
         return _config_from_dict(presets[source]["config"], f"preset {source}")
     path = Path(os.path.expanduser(source))
-    if path.is_dir():
+    kind = _path_kind(path, source)
+    if kind == "dir":
         path = path / "config.json"
-        if not path.is_file():
+        if _path_kind(path, source) != "file":
             raise ValueError(f"model folder {source!r} has no config.json; point to a folder saved by save_pretrained")
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError) as err:
-            raise ValueError(f"cannot read config {str(path)!r}: {err.strerror or err}; check the path and permissions") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"config {str(path)!r} is not valid JSON (line {err.lineno}: {err.msg}); fix the file") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"config {str(path)!r} must hold a JSON object, not {type(data).__name__}")
-        return _config_from_dict(data, f"config {str(path)!r}")
+        kind = "file"
+    if kind == "file":
+        return _config_from_dict(_read_config_file(path), f"config {str(path)!r}")
     if source.startswith(("/", "./", "../", "~")) or source.count("/") > 1 or os.sep != "/" and os.sep in source:
         raise ValueError(f"model={source!r}: no such file or folder; give a config.json, a model folder, "
                          f"a preset or a hub id (org/name)")
@@ -153,7 +281,13 @@ def load_config(source: str, trust_remote_code: bool = False):
         hint = f"did you mean {', '.join(close)}?" if close else f"presets are {', '.join(presets)}"
         what = "no such file" if source.endswith(".json") else "unknown preset"
         raise ValueError(f"model={source!r}: {what}; {hint}")
-    return _hub_config(source, trust_remote_code)
+    config = _hub_config(source, trust_remote_code)
+    try:
+        sizes = config.to_dict()
+    except (TypeError, ValueError, AttributeError, RecursionError) as err:
+        raise ValueError(f"model={source!r}: its hub config cannot be read ({one_line(err, 200)})") from None
+    check_sizes(sizes, f"model={source!r}")
+    return config
 
 
 def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -179,7 +313,7 @@ def _hub_config(repo_id: str, trust_remote_code: bool):
 
     try:  # the local cache first: no network at all
         return AutoConfig.from_pretrained(repo_id, trust_remote_code=trust_remote_code, local_files_only=True)
-    except (OSError, ValueError) as err:
+    except (OSError, *config_errors()) as err:
         if "trust_remote_code" in str(err):
             raise remote_code_error() from None
     if not hub_reachable():
@@ -187,10 +321,10 @@ def _hub_config(repo_id: str, trust_remote_code: bool):
                          f"local cache; give a preset name, a local config.json, or connect to the internet")
     try:
         return AutoConfig.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
+    except (OSError, *config_errors()) as err:
         if "trust_remote_code" in str(err):
             raise remote_code_error() from None
-        raise ValueError(f"model={repo_id!r}: no config on the Hugging Face hub ({str(err).splitlines()[0][:160]}); "
+        raise ValueError(f"model={repo_id!r}: no config on the Hugging Face hub ({one_line(err, 160)}); "
                          f"check the id, or log in for gated models") from None
 
 
@@ -207,14 +341,23 @@ def spec_from_config(config, name: str) -> ModelSpec:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .targets import decoder_layers, is_linear, linear_group, linear_shape
-
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
+    except config_errors() as err:
         raise ValueError(f"model={name!r}: transformers cannot build a causal LM from this config "
-                         f"({err.__class__.__name__}: {str(err)[:200]}); check its values") from None
+                         f"({err.__class__.__name__}: {one_line(err, 200)}); check its values") from None
+    try:
+        return _spec_from_model(model, config, name)
+    except config_errors() as err:  # an architecture unlike any the activation model knows
+        raise ValueError(f"model={name!r}: cannot read the shapes of this {config.model_type} model "
+                         f"({err.__class__.__name__}: {one_line(err, 200)}); check its config") from None
+
+
+def _spec_from_model(model, config, name: str) -> ModelSpec:
+    import torch
+
+    from .targets import decoder_layers, is_linear, linear_group, linear_shape
 
     prefix, blocks = decoder_layers(model)
     block_prefix = re.compile(re.escape(prefix) + r"\.(\d+)\.(.+)")
@@ -293,28 +436,26 @@ def spec_from_config(config, name: str) -> ModelSpec:
 
 
 def _cache_key(source: str) -> tuple:
-    path = Path(os.path.expanduser(source.strip())) if isinstance(source, str) else None
-    if path is not None and path.exists():
-        target = path / "config.json" if path.is_dir() else path
-        try:
+    path = Path(os.path.expanduser(source))
+    try:
+        if path.exists():
+            target = path / "config.json" if path.is_dir() else path
             return (str(target.resolve()), target.stat().st_mtime_ns)
-        except OSError:
-            pass
+    except (OSError, ValueError):  # load_config names the problem
+        pass
     return (source, None)
 
 
 @lru_cache(maxsize=128)
 def _load_spec_cached(source: str, key: tuple, trust_remote_code: bool) -> ModelSpec:
-    name = source.strip()
-    if name not in preset_table():
+    name = source
+    if name not in preset_table() and key[1] is not None:  # a file or folder
         path = Path(os.path.expanduser(name))
-        if path.exists():
-            name = path.parent.name if path.name == "config.json" else (path.name if path.is_dir() else path.stem)
+        name = path.parent.name if path.name == "config.json" else (path.name if path.is_dir() else path.stem)
     return spec_from_config(load_config(source, trust_remote_code), name)
 
 
 def load_spec(source: str, trust_remote_code: bool = False) -> ModelSpec:
     """ModelSpec for a preset, config path, folder or hub id; cached (files by modification time)."""
-    if not isinstance(source, str):
-        raise ValueError(f"model={source!r} must be a string: a preset name, a config.json path, a folder or a hub id")
+    source = _check_source(source)
     return _load_spec_cached(source, _cache_key(source), trust_remote_code)

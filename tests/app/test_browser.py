@@ -128,7 +128,7 @@ def test_train_live_then_predicted_vs_measured(page, shots):
     assert seen[-1] == 12
     compare = plot(page, "train-compare")
     assert compare[0]["x"][1] == ["predicted", "measured"] * 2
-    assert {t["name"] for t in plot(page, "train-layers")} == {"galore"}
+    assert {t["name"] for t in plot(page, "train-layers")} == {"GaLore"}
     table = page.locator("#train-table").inner_text()
     assert table.count("completed") == 2 and "%" in table
     assert "lora-adapter" in page.locator("#train-files").inner_text()  # the downloads
@@ -175,7 +175,7 @@ def test_past_runs_reload(page):
 
     wait_until(reloaded)
     layers = plot(page, "train-layers")  # the layer gaps of that run are back too
-    assert len(layers) == 1 and layers[0]["name"].startswith("galore · ")
+    assert len(layers) == 1 and layers[0]["name"].startswith("GaLore · ")
 
 
 def test_dry_run_measures_a_7b_step_on_fake_tensors(page, shots):

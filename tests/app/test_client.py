@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from estimator.config import QLoRAConfig, TrainSetup
@@ -29,3 +31,18 @@ def test_estimate_endpoint_errors_name_the_field(served_app):
     client = Client(served_app[0], verbose=False)
     with pytest.raises(AppError, match="rank=0 must be a whole number"):
         client.predict(model="llama-7b", method="lora", options={"rank": 0}, api_name="/estimate")
+
+
+def test_a_handled_error_is_one_log_line_not_a_traceback(served_app, capfd, caplog):
+    """Bad input is the caller's mistake, answered with a message: the server logs it as one line."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(served_app[0], verbose=False)
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="lowrank-memory"), \
+            pytest.raises(AppError, match="stagger=2 must be true or false"):
+        client.predict(model="llama-7b", method="galore", options={"stagger": 2}, api_name="/estimate")
+    assert "Traceback" not in capfd.readouterr().err
+    lines = [r.getMessage() for r in caplog.records if r.name == "lowrank-memory"]
+    assert lines == ["estimate: Cannot estimate: stagger=2 must be true or false"]

@@ -7,7 +7,7 @@ from dataclasses import fields
 import pytest
 
 from estimator.config import METHODS, GaLoreConfig, LoRAConfig, QGaLoreConfig, TrainSetup
-from ui.widgets import FIELD_WIDGETS, method_configs, option_help, train_setup
+from ui.widgets import FIELD_WIDGETS, method_configs, option_flag, option_help, option_label, train_setup
 
 
 def defaults() -> dict:
@@ -72,3 +72,47 @@ def test_setup_from_widget_values():
         attn_implementation="eager")
     with pytest.raises(ValueError, match="autocast"):
         train_setup(1, 256, 1, "bf16", True, False, "sdpa")
+
+
+def test_option_widgets_have_readable_labels_and_keep_their_ids(tmp_path):
+    """Labels are words, not command-line flags (the flag stays in the help text); every widget keeps
+    its HTML id "<tab>-<method>-<field>"."""
+    import app
+
+    demo = app.build_ui(tmp_path)
+    by_id = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    for tab in ("plan", "train", "dryrun"):
+        for method, cls in METHODS.items():
+            labels = []
+            for f in fields(cls):
+                widget = by_id[f"{tab}-{method}-{f.name}"]
+                flag = option_flag(method, f.name)
+                assert widget.label == option_label(f.name) and (widget.label != flag or flag == f.name)
+                assert f"--{flag}" in widget.info and option_help(method, f.name) in widget.info
+                labels.append(widget.label)
+            assert len(set(labels)) == len(labels), labels
+    assert by_id["train-lora-alpha"].label == "LoRA alpha"
+    assert by_id["plan-qgalore-update_proj_gap"].label == "refresh gap (update_proj_gap)"
+
+
+def test_long_ranges_are_number_inputs_with_bounds(tmp_path):
+    """A slider over thousands of values cannot be aimed and its ends get cut off: steps, ranks and
+    refresh gaps are number inputs, bounded like the sliders were."""
+    import gradio as gr
+
+    import app
+
+    demo = app.build_ui(tmp_path)
+    by_id = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    ids = ["train-steps", "train-eval-every", "demo-pretrain-steps", "demo-finetune-steps",
+           *(f"{tab}-{m}-{name}" for tab in ("plan", "train", "dryrun") for m in ("lora", "qlora", "galore", "qgalore")
+             for name in ("rank",)),
+           *(f"{tab}-{m}-update_proj_gap" for tab in ("plan", "train", "dryrun") for m in ("galore", "qgalore"))]
+    for elem_id in ids:
+        widget = by_id[elem_id]
+        assert isinstance(widget, gr.Number) and widget.precision == 0, elem_id
+        assert widget.minimum is not None and widget.maximum is not None and widget.minimum <= widget.value, elem_id
+    assert by_id["train-steps"].value == 100 and by_id["train-lora-rank"].maximum >= 4096
+    for block in demo.blocks.values():  # the sliders left have a few hundred positions at most, or are short
+        if isinstance(block, gr.Slider):
+            assert (block.maximum - block.minimum) / block.step <= 2048, block.label

@@ -120,3 +120,53 @@ def test_meta_build_allocates_nothing():
     before = torch.empty(0).untyped_storage().nbytes()
     spec = load_spec("llama2-70b")
     assert spec.params_total > 6e10 and before == 0
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"model_type": "llama", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nests deeper than 32 levels"),
+    ('{"model_type": "llama", "x": ' + "[" * 40 + "]" * 40 + "}", "nests deeper than 32 levels"),
+    ('{"model_type": "llama", "pad": "' + "x" * (1 << 20) + '"}', "larger than 1 MB"),
+    ('{"model_type": "llama", "num_hidden_layers": 20000}', "num_hidden_layers=20000 must be a whole number from 1 "
+                                                            "to 1,024"),
+    ('{"model_type": "llama", "hidden_size": 1e9}', "hidden_size=1000000000.0 must be a whole number"),
+    ('{"model_type": "llama", "vocab_size": true}', "vocab_size=True must be a whole number"),
+    ('{"model_type": "llama", "num_attention_heads": 0}', "num_attention_heads=0 must be a whole number from 1"),
+    ('{"model_type": "mixtral", "text_config": {"num_local_experts": 100000}}', "num_local_experts=100000"),
+    ('{"model_type": "llama", "x": ' + "9" * 5000 + "}", "not valid JSON"),
+    ('{"model_type": ["llama"]}', "model_type=['llama'] must be a string"),
+    ('{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 5}', "transformers cannot read this llama"),
+])
+def test_hostile_config_files_fail_fast_with_one_line(tmp_path, content, message):
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    with pytest.raises(ValueError) as err:
+        load_spec(str(path))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_non_utf8_config_is_named(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_bytes(b"\xff\xfe\x00{")
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        load_spec(str(path))
+
+
+@pytest.mark.parametrize("source, message", [
+    ("x" * 5000, "is 5,000 characters long; a preset name, path or hub id is at most 1,024"),
+    ("/" + "x" * 300 + "/config.json", "cannot be used as a path (File name too long)"),
+    ("a\x00b", "unknown preset"),
+    (["llama-7b"], "must be a string"),
+    ("   ", "model is empty"),
+])
+def test_model_names_the_os_or_python_cannot_take_are_clean_errors(source, message):
+    with pytest.raises(ValueError) as err:
+        load_spec(source)
+    assert message in str(err.value)
+
+
+def test_sizes_within_the_bounds_still_load(tmp_path):
+    """The bounds are beyond any real model: a config at a few of them loads (built on the meta device)."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "llama", **TINY["llama"], "vocab_size": 1 << 22,
+                                "max_position_embeddings": 1 << 24}))
+    assert load_spec(str(path)).vocab_size == 1 << 22
