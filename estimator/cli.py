@@ -1,4 +1,4 @@
-"""`python -m estimator MODEL --method METHOD [options] [--json] [--gpus] [--max-batch-size GPU]`.
+"""`python -m estimator MODEL --method METHOD [options] [--json] [--fit-table] [--max-batch-size GPU]`.
 
 Prints a readable breakdown by default, the estimate's JSON object with --json
 (`Estimate.to_dict`: model, method, params, peak_bytes, phase, moment, breakdown, overhead_bytes,
@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 
 from .arguments import OneLineParser, add_training_arguments, configs_from_args
+from .config import check_json_numbers
 from .constants import CATEGORIES
 from .estimate import Estimate, GiB, estimate_spec
-from .gpus import find_gpu, fit_table, max_batch_size, max_seq_len
+from .gpus import find_gpu, fit_table, gpus_needed, max_batch_size, max_seq_len, per_gpu_bytes
 from .options import as_flags
 from .spec import load_spec, preset_names
 
@@ -27,7 +28,8 @@ def build_parser() -> OneLineParser:
     add_training_arguments(parser)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="where the step runs (cuda adds the context and allocator overhead)")
-    parser.add_argument("--gpus", action="store_true", help="add the table of GPUs that fit")
+    parser.add_argument("--fit-table", action="store_true",
+                        help="add the table of GPUs: fits at --gpus, and how many each one needs")
     parser.add_argument("--max-batch-size", metavar="GPU", help="largest batch size and sequence length on GPU")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own config code")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -41,8 +43,9 @@ def gib(n: int) -> str:
 def render(est: Estimate) -> str:
     lines = [est.describe()]
     p = est.params_total
-    lines.append(f"parameters: {p / 1e9:.3f} B total, {est.params_trainable / 1e6:,.2f} M trainable "
-                 f"({100 * est.params_trainable / p:.2f}%)")
+    t = est.params_trainable
+    trainable = f"{t / 1e9:.3f} B" if t >= 1e9 else f"{t / 1e6:,.2f} M"
+    lines.append(f"parameters: {p / 1e9:.3f} B total, {trainable} trainable ({100 * t / p:.2f}%)")
     lines.append(f"peak allocated: {gib(est.peak_bytes)} in {est.moment}")
     width = max(est.breakdown.values()) or 1
     for cat in CATEGORIES:
@@ -52,15 +55,23 @@ def render(est: Estimate) -> str:
     if est.overhead_bytes:
         lines.append(f"overhead (CUDA context, allocator slack): {gib(est.overhead_bytes)} → "
                      f"needs {gib(est.total_bytes)} on a GPU")
+    if est.distributed_terms:
+        lines.append(f"per GPU, shard {est.options['shard']} over {est.options['gpus']} GPUs:")
+        lines += [f"  {name:<52} {gib(value):>12}" for name, value in est.distributed_terms.items()]
     lines += [f"note: {n}" for n in est.notes]
     return "\n".join(lines)
 
 
-def render_gpus(rows: list[dict]) -> str:
-    out = [f"{'GPU':<18} {'memory':>10} {'fits':>5} {'headroom':>11}"]
+def render_gpus(rows: list[dict], shard: str | None = None) -> str:
+    needs = f"  needs (shard {shard})" if shard else ""
+    out = [f"{'GPU':<18} {'memory':>10} {'fits':>5} {'headroom':>11}{needs}"]
     for r in rows:
-        out.append(f"{r['gpu']:<18} {r['memory_gib']:>6.1f} GiB {'yes' if r['fits'] else 'no':>5} "
-                   f"{r['headroom_gib']:>7.2f} GiB")
+        line = (f"{r['gpu']:<18} {r['memory_gib']:>6.1f} GiB {'yes' if r['fits'] else 'no':>5} "
+                f"{r['headroom_gib']:>7.2f} GiB")
+        if shard:
+            n = r["gpus_needed"]
+            line += f"  {'no count' if n is None else n:>{len(needs) - 2}}"
+        out.append(line)
     return "\n".join(out)
 
 
@@ -75,16 +86,26 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_spec(args.model, args.trust_remote_code)
         est = estimate_spec(spec, method, setup, device=args.device)
         gpu = find_gpu(args.max_batch_size) if args.max_batch_size else None
+        result = est.to_dict()
+        check_json_numbers({**result, "total_bytes": est.total_bytes})
     except ValueError as err:
         parser.error(as_flags(str(err), args.method))
-    result = est.to_dict()
     text = [render(est)]
-    if args.gpus:
+    if args.fit_table:
         rows = fit_table(est)
+        sharded = setup.shard != "none"
+        if sharded:  # how many of each GPU this step needs at its per-GPU micro-batch
+            need = per_gpu_bytes(spec, method, setup)
+            for row in rows:
+                row["gpus_needed"] = gpus_needed(spec, method, setup, find_gpu(row["gpu"]), need=need)
         result["gpus"] = rows
         fits = [r["gpu"] for r in rows if r["fits"]]
-        text.append("\n" + render_gpus(rows))
-        text.append(f"fits {len(fits)} of {len(rows)} GPUs")
+        text.append("\n" + render_gpus(rows, setup.shard if sharded else None))
+        per_gpu = f" at {setup.gpus} GPUs (shard {setup.shard})" if setup.gpus > 1 else ""
+        text.append(f"fits {len(fits)} of {len(rows)} GPUs{per_gpu}")
+        if sharded:
+            text.append(f"needs: the fewest of that GPU that fit at batch {setup.per_gpu_batch} per GPU; no count: "
+                        "what sharding cannot divide (activations, a block's gathered weights) does not fit")
     elif args.device == "cuda":
         fits = [r["gpu"] for r in fit_table(est) if r["fits"]]
         text.append("fits: " + (", ".join(fits) if fits else "none of the catalog's GPUs"))
@@ -94,8 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         result["max_batch_size"] = {"gpu": gpu.name, "batch_size": batch, "seq_len": setup.seq_len,
                                     "max_seq_len": seq, "at_batch_size": setup.batch_size}
         b = "does not fit even at batch 1" if batch is None else f"batch size up to {batch}"
+        at = f"batch {setup.batch_size}"
+        if setup.gpus > 1:
+            b += f" per GPU of {setup.gpus} (shard {setup.shard})"
+            at = f"batch {setup.per_gpu_batch} per GPU"
         s = "no sequence length fits" if seq is None else f"sequences up to {seq} tokens"
         text.append(f"\n{gpu.name} ({gpu.memory_mib / 1024:.1f} GiB): {b} at {setup.seq_len} tokens; "
-                    f"{s} at batch {setup.batch_size}")
+                    f"{s} at {at}")
     print(json.dumps(result, indent=1) if args.json else "\n".join(text))
     return 0

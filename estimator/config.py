@@ -11,6 +11,8 @@ Every dataclass validates itself on construction: all problems are collected, th
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -25,6 +27,56 @@ TARGET_SHORTHANDS = ("attention", "mlp", "all-linear")
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 SVD_METHODS = ("randomized", "exact")
 QUANT_TYPES = ("nf4", "fp4")
+PROJ_BITS = (4, 8, 16)
+SHARD_STRATEGIES = ("none", "optimizer", "gradients", "full")  # DDP, ZeRO-1, FSDP2 ZeRO-2, FSDP2 ZeRO-3
+
+
+# Bounds beyond any GPU: they keep every byte count an estimate makes far below what a 64-bit
+# integer (a JSON number) holds, and each names the fix when crossed.
+MAX_BATCH_SIZE = 1 << 20  # sequences per micro-batch
+MAX_SEQ_LEN = 1 << 24  # 16,777,216 tokens: beyond the longest context of any released model
+MAX_GRAD_ACCUM = 1 << 20  # micro-batches per optimizer step
+MAX_GPUS = 1 << 16  # data-parallel ranks
+MAX_RANK = 1 << 16  # LoRA / GaLore rank (wider than any model's hidden size)
+MAX_UPDATE_PROJ_GAP = 10**9  # steps between GaLore subspace refreshes
+MAX_QUEUE_SIZE = 1000  # Q-GaLore: refreshes averaged before a layer's gap doubles
+MAX_SCALE = 1e6  # LoRA alpha, GaLore scale: multipliers of an update, finite and sane
+# Q-GaLore group sizes: a power of two (so whole groups tile lowrank.quant's work blocks of
+# constants.QUANT_BLOCK elements exactly), from 16 (below it the fp16 scale and offset of each group
+# outweigh the codes) to 65536 (Q-GaLore uses 256).
+GROUP_SIZES = tuple(2**i for i in range(4, 17))
+MAX_TARGETS_CHARS = 1000
+MAX_SHOWN_CHARS = 60  # a value is quoted in a message up to this many characters
+INT64_LIMIT = 1 << 63  # results hold integers in [-2^63, 2^63): what JSON clients read exactly or as int64
+
+
+def shown(value: Any) -> str:
+    """A value as a message quotes it: its repr, one line, cut to MAX_SHOWN_CHARS."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int past Python's digit limit, a list nested too deep
+        text = f"<a {type(value).__name__} too large to show>"
+    return text if len(text) <= MAX_SHOWN_CHARS else text[:MAX_SHOWN_CHARS - 1] + "…"
+
+
+def check_json_numbers(data: Any, what: str = "the estimate") -> None:
+    """ValueError unless every number in `data` (dicts and lists, any depth) is a bool, an integer
+    within 64 bits or a finite float: what a JSON encoder writes and any client reads back."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((f"{path}.{key}" if path else str(key), value) for key, value in node.items())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((f"{path}[{i}]", value) for i, value in enumerate(node))
+        elif isinstance(node, bool) or node is None or isinstance(node, str) or isinstance(node, int) and -INT64_LIMIT <= node < INT64_LIMIT or isinstance(node, float) and math.isfinite(node) and abs(node) < INT64_LIMIT:
+            continue
+        elif isinstance(node, int):
+            raise ValueError(f"{what} is beyond what 64 bits hold ({path} = about 2^{node.bit_length() - 1}): "
+                             f"no GPU holds such a step; lower batch_size or seq_len")
+        else:
+            raise ValueError(f"{what} holds {path} = {shown(node)}, not a finite number; lower batch_size or "
+                             f"seq_len")
 
 
 def _check(problems: list[str], ok: bool, message: str) -> None:
@@ -36,12 +88,45 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    """A real, finite number: an int or a float, not a bool, not nan or ±inf."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or isinstance(value, float) and math.isfinite(value)
+
+
 def _choice(problems: list[str], name: str, value: Any, choices: tuple[str, ...]) -> None:
-    _check(problems, value in choices, f"{name}={value!r} is not one of {', '.join(choices)}; pick one of those")
+    _check(problems, isinstance(value, str) and value in choices,
+           f"{name}={shown(value)} is not one of {', '.join(choices)}; pick one of those")
 
 
-def _positive_int(problems: list[str], name: str, value: Any) -> None:
-    _check(problems, _is_int(value) and value > 0, f"{name}={value!r} must be a whole number ≥ 1")
+def _positive_int(problems: list[str], name: str, value: Any, high: int | None = None) -> None:
+    """A whole number from 1 to `high`: an int, not a bool, not a float."""
+    top = float("inf") if high is None else high
+    if _is_int(value) and 1 <= value <= top:
+        return
+    if _is_number(value) and value > top:
+        problems.append(f"{name}={shown(value)} must be a whole number ≤ {high:,}; lower it")
+    elif isinstance(value, float) and value.is_integer() and value >= 1:
+        problems.append(f"{name}={shown(value)} must be a whole number written without a decimal point "
+                        f"({int(value)}, not {shown(value)})")
+    else:
+        problems.append(f"{name}={shown(value)} must be a whole number ≥ 1")
+
+
+def _flag(problems: list[str], name: str, value: Any) -> None:
+    _check(problems, isinstance(value, bool), f"{name}={shown(value)} must be true or false")
+
+
+def _number(problems: list[str], name: str, value: Any, ok: Callable[[float], bool], requirement: str) -> None:
+    """A finite number (not a bool, nan or ±inf) that `ok` accepts; else "<name>=<value> must be <requirement>"."""
+    _check(problems, _is_number(value) and ok(value), f"{name}={shown(value)} must be {requirement}")
+
+
+def _group_size(problems: list[str], name: str, value: Any) -> None:
+    _check(problems, _is_int(value) and value in GROUP_SIZES,
+           f"{name}={shown(value)} must be a power of two from {GROUP_SIZES[0]} to {GROUP_SIZES[-1]:,} "
+           f"(Q-GaLore uses 256)")
 
 
 def _raise(problems: list[str], what: str) -> None:
@@ -57,8 +142,9 @@ def parse_targets(targets: str) -> tuple[str, ...]:
 
 
 def _check_targets(problems: list[str], targets: Any) -> None:
-    ok = isinstance(targets, str) and bool(parse_targets(targets))
-    _check(problems, ok, f"targets={targets!r} must be attention, mlp, all-linear or module names like q_proj,v_proj")
+    ok = isinstance(targets, str) and len(targets) <= MAX_TARGETS_CHARS and bool(parse_targets(targets))
+    _check(problems, ok, f"targets={shown(targets)} must be attention, mlp, all-linear or module names like "
+                         f"q_proj,v_proj (at most {MAX_TARGETS_CHARS:,} characters)")
 
 
 @dataclass(frozen=True)
@@ -70,6 +156,10 @@ class TrainSetup:
         mixed precision, the fp32 weights being the master copy.
     padded: micro-batches carry an attention mask (padded prompt/response data), so attention
         takes the masked path instead of the causal fast path (the trainer sets it for .jsonl).
+    gpus: data-parallel ranks (processes). batch_size is the whole micro-batch: each rank
+        computes batch_size / gpus rows of it, so it must divide. Training takes it from torchrun.
+    shard: what the ranks split (lowrank/distributed.py): none (DDP), optimizer (ZeRO-1),
+        gradients (FSDP2, ZeRO-2) or full (FSDP2, ZeRO-3).
     """
 
     batch_size: int = 1
@@ -80,21 +170,36 @@ class TrainSetup:
     grad_checkpointing: bool = False
     attn_implementation: str = "sdpa"
     padded: bool = False
+    gpus: int = 1
+    shard: str = "none"
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        _positive_int(problems, "batch_size", self.batch_size)
-        _positive_int(problems, "seq_len", self.seq_len)
-        _positive_int(problems, "grad_accum", self.grad_accum)
+        _positive_int(problems, "batch_size", self.batch_size, MAX_BATCH_SIZE)
+        _positive_int(problems, "seq_len", self.seq_len, MAX_SEQ_LEN)
+        _positive_int(problems, "grad_accum", self.grad_accum, MAX_GRAD_ACCUM)
         _choice(problems, "dtype", self.dtype, tuple(DTYPE_BYTES))
         _choice(problems, "attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
-        _check(problems, isinstance(self.autocast, bool), f"autocast={self.autocast!r} must be true or false")
+        _flag(problems, "autocast", self.autocast)
         _check(problems, self.autocast is not True or self.dtype == "fp32",
-               f"autocast=True needs dtype='fp32' (mixed precision keeps fp32 master weights), got dtype={self.dtype!r}")
-        _check(problems, isinstance(self.grad_checkpointing, bool),
-               f"grad_checkpointing={self.grad_checkpointing!r} must be true or false")
-        _check(problems, isinstance(self.padded, bool), f"padded={self.padded!r} must be true or false")
+               f"autocast=True needs dtype='fp32' (mixed precision keeps fp32 master weights), "
+               f"got dtype={shown(self.dtype)}")
+        _flag(problems, "grad_checkpointing", self.grad_checkpointing)
+        _flag(problems, "padded", self.padded)
+        _positive_int(problems, "gpus", self.gpus, MAX_GPUS)
+        _choice(problems, "shard", self.shard, SHARD_STRATEGIES)
+        if not problems and self.batch_size % self.gpus:
+            problems.append(f"batch_size={self.batch_size} is not divisible by gpus={self.gpus}: every GPU computes "
+                            f"batch_size / gpus rows; use a multiple of {self.gpus}")
+        if not problems and self.shard != "none" and self.gpus == 1:
+            problems.append(f"shard={self.shard!r} splits work across GPUs, and gpus=1: give gpus=2 or more (one GPU: "
+                            "shard='none')")
         _raise(problems, "invalid training setup")
+
+    @property
+    def per_gpu_batch(self) -> int:
+        """Rows of each micro-batch one GPU computes."""
+        return self.batch_size // self.gpus
 
     @property
     def tokens(self) -> int:
@@ -156,12 +261,11 @@ class LoRAConfig(MethodConfig):
     optimizer: str = "adamw"
 
     def validate(self, problems: list[str]) -> None:
-        _positive_int(problems, "rank", self.rank)
-        _check(problems, isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
-               and self.alpha > 0, f"alpha={self.alpha!r} must be a number > 0")
-        _check(problems, isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
-               f"dropout={self.dropout!r} must be in [0, 1)")
+        _positive_int(problems, "rank", self.rank, MAX_RANK)
+        _number(problems, "alpha", self.alpha, lambda v: 0 < v <= MAX_SCALE, f"a number > 0 and ≤ {MAX_SCALE:,.0f}")
+        _number(problems, "dropout", self.dropout, lambda v: 0 <= v < 1, "in [0, 1)")
         _check_targets(problems, self.targets)
+        _flag(problems, "use_rslora", self.use_rslora)
         _choice(problems, "optimizer", self.optimizer, OPTIMIZERS)
 
     @property
@@ -185,6 +289,7 @@ class QLoRAConfig(LoRAConfig):
     def validate(self, problems: list[str]) -> None:
         super().validate(problems)
         _choice(problems, "quant_type", self.quant_type, QUANT_TYPES)
+        _flag(problems, "double_quant", self.double_quant)
         _choice(problems, "compute_dtype", self.compute_dtype, tuple(DTYPE_BYTES))
 
 
@@ -211,14 +316,14 @@ class GaLoreConfig(MethodConfig):
     targets: str = "all-linear"
 
     def validate(self, problems: list[str]) -> None:
-        _positive_int(problems, "rank", self.rank)
-        _positive_int(problems, "update_proj_gap", self.update_proj_gap)
-        _check(problems, isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool)
-               and self.scale > 0, f"scale={self.scale!r} must be a number > 0")
+        _positive_int(problems, "rank", self.rank, MAX_RANK)
+        _positive_int(problems, "update_proj_gap", self.update_proj_gap, MAX_UPDATE_PROJ_GAP)
+        _number(problems, "scale", self.scale, lambda v: 0 < v <= MAX_SCALE, f"a number > 0 and ≤ {MAX_SCALE:,.0f}")
         _choice(problems, "proj_type", self.proj_type, PROJ_TYPES)
         _choice(problems, "optimizer", self.optimizer, LOWRANK_OPTIMIZERS)
+        _flag(problems, "layerwise", self.layerwise)
         _choice(problems, "svd", self.svd, SVD_METHODS)
-        _check(problems, isinstance(self.layerwise, bool), f"layerwise={self.layerwise!r} must be true or false")
+        _flag(problems, "stagger", self.stagger)
         _check_targets(problems, self.targets)
 
 
@@ -245,12 +350,13 @@ class QGaLoreConfig(GaLoreConfig):
 
     def validate(self, problems: list[str]) -> None:
         super().validate(problems)
-        _positive_int(problems, "weight_group_size", self.weight_group_size)
-        _check(problems, self.proj_bits in (4, 8, 16), f"proj_bits={self.proj_bits!r} must be 4, 8 or 16")
-        _positive_int(problems, "proj_group_size", self.proj_group_size)
-        _check(problems, isinstance(self.cos_threshold, (int, float)) and 0 <= self.cos_threshold <= 1,
-               f"cos_threshold={self.cos_threshold!r} must be in [0, 1]")
-        _positive_int(problems, "queue_size", self.queue_size)
+        _group_size(problems, "weight_group_size", self.weight_group_size)
+        _check(problems, _is_int(self.proj_bits) and self.proj_bits in PROJ_BITS,
+               f"proj_bits={shown(self.proj_bits)} must be 4, 8 or 16")
+        _group_size(problems, "proj_group_size", self.proj_group_size)
+        _flag(problems, "adaptive", self.adaptive)
+        _number(problems, "cos_threshold", self.cos_threshold, lambda v: 0 <= v <= 1, "in [0, 1]")
+        _positive_int(problems, "queue_size", self.queue_size, MAX_QUEUE_SIZE)
 
 
 METHODS: dict[str, type[MethodConfig]] = {
@@ -258,16 +364,20 @@ METHODS: dict[str, type[MethodConfig]] = {
 }
 
 
-def method_config(method: str, **options: Any) -> MethodConfig:
+def method_config(method: str, /, **options: Any) -> MethodConfig:
     """Build the dataclass of `method` from keyword options; unknown options are an error."""
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not one of {', '.join(METHODS)}; pick one of those")
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method={shown(method)} is not one of {', '.join(METHODS)}; pick one of those")
+    if "method" in options:
+        raise ValueError(f"method is not an option (got method={shown(options['method'])} among the options); "
+                         f"the method is given on its own: {method}")
     cls = METHODS[method]
     known = set(cls.option_names())
     extra = [name for name in options if name not in known]
     if extra:
         users = {name: [m for m, c in METHODS.items() if name in c.option_names()] for name in extra}
-        parts = [f"{name} does not apply to method {method}"
+        parts = [f"{name if len(name) <= MAX_SHOWN_CHARS and name.isprintable() else shown(name)} does not apply "
+                 f"to method {method}"
                  + (f" (it is an option of {', '.join(users[name])})" if users[name] else "") for name in extra]
         raise ValueError("; ".join(parts))
     return cls(**options)

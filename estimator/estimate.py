@@ -49,6 +49,7 @@ class Estimate:
     overhead_bytes: int
     moments: dict[str, dict[str, int]] = field(default_factory=dict)
     activation_terms: dict[str, int] = field(default_factory=dict)
+    distributed_terms: dict[str, int] = field(default_factory=dict)  # several GPUs: what sharding adds or divides
     options: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -71,8 +72,11 @@ class Estimate:
         precision = o["dtype"] + (" + bf16 autocast" if o["autocast"] else "")
         ckpt = ", checkpointing" if o["grad_checkpointing"] else ""
         accum = f" × {o['grad_accum']} accumulated" if o["grad_accum"] > 1 else ""
+        gpus = o.get("gpus", 1)
+        per_gpu = (f" · per GPU of {gpus} (batch {o['batch_size'] // gpus} each), "
+                   f"shard {o.get('shard', 'none')}" if gpus > 1 else "")
         return (f"{self.model} · {method} · batch {o['batch_size']} × {o['seq_len']} tokens{accum} · "
-                f"{precision}{ckpt} · {o['attn_implementation']}")
+                f"{precision}{ckpt} · {o['attn_implementation']}{per_gpu}")
 
     def to_dict(self) -> dict:
         """The estimate's JSON object (`python -m estimator --json`, the app's API, summary.json's
@@ -88,6 +92,7 @@ class Estimate:
             "overhead_bytes": self.overhead_bytes,
             "moments": {k: dict(v) for k, v in self.moments.items()},
             "activation_terms": dict(self.activation_terms),
+            **({"distributed_terms": dict(self.distributed_terms)} if self.distributed_terms else {}),
             "options": dict(self.options),
             "notes": list(self.notes),
         }
@@ -146,15 +151,21 @@ def check_against_model(spec: ModelSpec, method: MethodConfig, setup: TrainSetup
     return notes
 
 
-def gradients_alive_before(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, grads: int) -> int:
-    """Gradients accumulated by earlier micro-batches, alive through the last micro-batch.
+def gradients_alive_before(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, grads: int,
+                           layout: Layout | None = None) -> int:
+    """Gradients that exist before this micro-batch's backward makes its own.
 
-    Layer-wise GaLore accumulates projected gradients (ℓ elements per matrix, weight dtype) for
-    the projected weights and full gradients for the rest.
+    Accumulating: those of the earlier micro-batches. Layer-wise GaLore accumulates projected
+    gradients (ℓ elements per matrix, weight dtype) for the projected weights and full gradients
+    for the rest — unless ZeRO-1 gives the projection to one rank only (full gradients then).
+    In DDP's buckets (`layout.buckets`) every gradient exists from the start of the step.
     """
+    layout = layout or Layout()
+    if layout.buckets:
+        return grads
     if setup.grad_accum == 1:
         return 0
-    if not (isinstance(method, GaLoreConfig) and method.layerwise):
+    if not (isinstance(method, GaLoreConfig) and method.layerwise) or not layout.projected_accumulation:
         return grads
     d = DTYPE_BYTES[setup.dtype]
     total = 0
@@ -367,20 +378,68 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
     return out
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a data-parallel rank holds what one GPU alone would (estimator/distributed.py).
+
+    buckets: gradients live in DDP's buckets for the whole step.
+    optimizer: this rank's optimizer-state bytes (ZeRO-1: its share), None for all of them.
+    projected_accumulation: layer-wise GaLore may sum projected gradients across micro-batches.
+    """
+
+    buckets: bool = False
+    optimizer: int | None = None
+    projected_accumulation: bool = True
+
+
 def estimate_spec(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, device: str = "cuda") -> Estimate:
-    """Predict one steady-state training step of `spec` with `method` and `setup`."""
+    """Predict one steady-state training step of `spec` with `method` and `setup` (per GPU when
+    `setup.gpus` > 1: estimator/distributed.py)."""
+    from . import distributed
+
     notes = check_against_model(spec, method, setup)
+    if setup.gpus > 1:
+        moments, terms, shared = distributed.rank_moments(spec, method, setup, device)
+    else:
+        (moments, terms), shared = step_moments(spec, method, setup, device), {}
+    name = max(moments, key=lambda k: sum(moments[k].values()))
+    breakdown = {c: moments[name][c] for c in CATEGORIES}
+    peak = sum(breakdown.values())
+    overhead = CUDA_CONTEXT + int(ALLOCATOR_SLACK * peak) if device == "cuda" else 0
+    return Estimate(
+        model=spec.name,
+        method=method.method,
+        params_total=spec.params_total,
+        params_trainable=mem.params_trainable(spec, method),
+        peak_bytes=peak,
+        phase=name.split(":")[0],
+        moment=name,
+        breakdown=breakdown,
+        overhead_bytes=overhead,
+        moments=moments,
+        activation_terms=terms,
+        distributed_terms=shared,
+        options={**method.to_dict(), **asdict(setup)},
+        notes=notes,
+    )
+
+
+def step_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, device: str,
+                 layout: Layout | None = None) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """The candidate peak moments of one GPU's step (each a breakdown by category) and the named
+    activation terms; `layout`: how a data-parallel rank differs (DDP's buckets, ZeRO-1's share)."""
+    layout = layout or Layout()
     flow = make_flow(spec, method, setup, device)
     b, s = setup.batch_size, setup.seq_len
     d = DTYPE_BYTES[setup.dtype]
     static = {
         "weights": mem.weights_bytes(spec, method, setup),
         "adapters": mem.adapters_bytes(spec, method, setup),
-        "optimizer": mem.optimizer_bytes(spec, method, setup),
+        "optimizer": mem.optimizer_bytes(spec, method, setup) if layout.optimizer is None else layout.optimizer,
     }
     grads = mem.gradient_bytes(spec, method, setup)
     layerwise = isinstance(method, GaLoreConfig) and method.layerwise
-    before = gradients_alive_before(spec, method, setup, grads)
+    before = gradients_alive_before(spec, method, setup, grads, layout)
     terms = act.activation_terms(spec, flow, b, s)
     saved = sum(terms.values())
     update = update_transient(spec, method, setup)
@@ -414,25 +473,7 @@ def estimate_spec(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, devi
         copies = 3 if before else 2
         moments["backward: end"] = moment(grads, 0, copies * spec.vocab_size * spec.hidden_size * d if tied else 0)
         moments["optimizer"] = moment(grads, 0, update)
-    name = max(moments, key=lambda k: sum(moments[k].values()))
-    breakdown = {c: moments[name][c] for c in CATEGORIES}
-    peak = sum(breakdown.values())
-    overhead = CUDA_CONTEXT + int(ALLOCATOR_SLACK * peak) if device == "cuda" else 0
-    return Estimate(
-        model=spec.name,
-        method=method.method,
-        params_total=spec.params_total,
-        params_trainable=mem.params_trainable(spec, method),
-        peak_bytes=peak,
-        phase=name.split(":")[0],
-        moment=name,
-        breakdown=breakdown,
-        overhead_bytes=overhead,
-        moments=moments,
-        activation_terms=terms,
-        options={**method.to_dict(), **asdict(setup)},
-        notes=notes,
-    )
+    return moments, terms
 
 
 def estimate(model: str | ModelSpec, method: MethodConfig, setup: TrainSetup | None = None,

@@ -1,9 +1,11 @@
-"""GPUs: the catalog (assets/gpus.json), which of them fit a step, and the largest batch or
-sequence that fits one.
+"""GPUs: the catalog (assets/gpus.json), which of them fit a step, the largest batch or
+sequence that fits one, and how many of one a sharded step needs.
 
 A step fits when its allocated peak plus the overhead (CUDA context, allocator slack) is at
 most the card's memory. The largest batch and sequence are found by doubling then bisection,
-which is exact because the estimate grows monotonically with both (tests check it).
+which is exact because the estimate grows monotonically with both (tests check it). With
+`gpus > 1` every number is per GPU: the batch searched is each GPU's micro-batch, and the GPU
+count searched keeps that micro-batch while sharding divides weights, gradients and states.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
-from .config import MethodConfig, TrainSetup
+from .config import MAX_GPUS, MethodConfig, TrainSetup
 from .estimate import Estimate, GiB, estimate_spec
 from .spec import ASSETS, ModelSpec
 
@@ -74,9 +76,11 @@ def _largest(fits, upper: int) -> int | None:
 
 def max_batch_size(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, gpu: GPU,
                    upper: int = 1 << 16) -> int | None:
-    """The largest micro-batch that fits `gpu` at this sequence length (None: not even 1)."""
+    """The largest micro-batch one GPU computes that fits `gpu` at this sequence length, at the
+    setup's GPU count and sharding (None: not even 1)."""
     def fits(batch: int) -> bool:
-        return estimate_spec(spec, method, replace(setup, batch_size=batch)).total_bytes <= gpu.memory_bytes
+        one = replace(setup, batch_size=batch * setup.gpus)
+        return estimate_spec(spec, method, one).total_bytes <= gpu.memory_bytes
 
     return _largest(fits, upper)
 
@@ -87,3 +91,53 @@ def max_seq_len(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, gpu: G
         return estimate_spec(spec, method, replace(setup, seq_len=seq)).total_bytes <= gpu.memory_bytes
 
     return _largest(fits, spec.max_position or 1 << 20)
+
+
+def per_gpu_bytes(spec: ModelSpec, method: MethodConfig, setup: TrainSetup):
+    """n -> the bytes one GPU needs when `n` GPUs share the step under `setup.shard`, each at the
+    setup's per-GPU micro-batch (one GPU shards nothing); remembers what it computed, so a table
+    over many GPUs searches the same counts once."""
+    micro, known = setup.per_gpu_batch, {}
+
+    def need(n: int) -> int:
+        if n not in known:
+            at = replace(setup, gpus=n, batch_size=micro * n, shard=setup.shard if n > 1 else "none")
+            known[n] = estimate_spec(spec, method, at).total_bytes
+        return known[n]
+
+    return need
+
+
+def gpus_needed(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, gpu: GPU,
+                most: int = 1024, need=None) -> int | None:
+    """The fewest of `gpu` that fit the step under `setup.shard`, each GPU computing the setup's
+    per-GPU micro-batch; None when no count up to `most` fits. `need`: per_gpu_bytes(...) shared
+    across GPUs.
+
+    Under `none` (DDP) every GPU holds the whole model, so it is 1 or None. Sharding needs two
+    or more, and per-GPU memory falls as the count grows (FSDP's padding to the world size
+    aside, a few bytes): doubling finds a count that fits, bisection the fewest.
+    """
+    need = need or per_gpu_bytes(spec, method, setup)
+
+    def fits(n: int) -> bool:
+        return need(n) <= gpu.memory_bytes
+
+    if fits(1):
+        return 1
+    if setup.shard == "none":
+        return None
+    most = min(most, MAX_GPUS)
+    lo, hi = 1, 2  # fits(lo) is false
+    while hi < most and not fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, most)
+    if not fits(hi):
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi

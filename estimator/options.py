@@ -18,6 +18,7 @@ from .config import (
     OPTIMIZERS,
     PROJ_TYPES,
     QUANT_TYPES,
+    SHARD_STRATEGIES,
     SVD_METHODS,
     MethodConfig,
     TrainSetup,
@@ -80,6 +81,10 @@ SETUP_OPTIONS = (
     Option("--grad-checkpointing", "grad_checkpointing", bool, "recompute activations in backward"),
     Option("--attn", "attn_implementation", str, "attention implementation", ALL, ATTN_IMPLEMENTATIONS),
     Option("--padded", "padded", bool, "batches carry an attention mask (padded .jsonl data; the trainer sets it)"),
+    Option("--gpus", "gpus", int, "data-parallel GPUs (ranks); --batch-size is split across them (training: "
+           "torchrun's world size)"),
+    Option("--shard", "shard", str, "what the GPUs split: none (DDP), optimizer (ZeRO-1), gradients (FSDP2 "
+           "ZeRO-2), full (FSDP2 ZeRO-3)", ALL, SHARD_STRATEGIES),
 )
 
 

@@ -53,9 +53,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 from estimator.config import MethodConfig, TrainSetup
 from estimator.constants import torch_dtype
+from estimator.distributed import rank_setup
 from estimator.spec import load_config
 
 from .device import FAKE_CUDA_FALLBACK, resolve_device
+from .distributed import Parallel
 from .memory import Measured
 from .methods import prepare
 from .step import measure_steady_step
@@ -138,12 +140,16 @@ def _real_run_answers() -> Iterator[None]:
 
 
 def dry_run(model: str, method: MethodConfig, setup: TrainSetup, device: str = "cuda",
-            grad_clip: float | None = None, trust_remote_code: bool = False) -> Measured:
+            grad_clip: float | None = None, trust_remote_code: bool = False, rank: int = 0) -> Measured:
     """Measure one steady-state training step of `model` with `method`, on fake tensors.
 
     model: a preset, config.json path, model folder or hub id (`estimator.spec.load_config`).
+    rank: which rank of a `setup.gpus`-rank job this step is. Ranks differ only under ZeRO-1,
+    where each owns other tensors (the estimate is the largest rank's).
     Returns what `measure_step` returns for a real run: peak, phase and breakdown by category.
     """
+    if not 0 <= rank < setup.gpus:
+        raise ValueError(f"rank={rank} is not a rank of a {setup.gpus}-GPU job; give 0 to {setup.gpus - 1}")
     fake_device = resolve_device(device, fake=True)
     if device.startswith("cuda") and fake_device.type != "cuda":
         warnings.warn(FAKE_CUDA_FALLBACK, stacklevel=2)
@@ -152,6 +158,28 @@ def dry_run(model: str, method: MethodConfig, setup: TrainSetup, device: str = "
     # rather than running for real on zero-filled tensors
     mode = DryRunMode(allow_non_fake_inputs=True, allow_fallback_kernels=False)
     net = fake_model(config, setup, mode, fake_device)
-    with _real_run_answers(), mode:
-        prepared = prepare(net, method, setup, lr=LR, grad_clip=grad_clip)
-        return measure_steady_step(prepared, micro_batches(config.vocab_size, setup, fake_device), setup)
+    with _real_run_answers(), fake_process_group(setup.gpus, rank), mode:
+        parallel = Parallel(setup.shard, setup.gpus, rank, fake_device, fake=True) if setup.gpus > 1 else None
+        prepared = prepare(net, method, setup, lr=LR, grad_clip=grad_clip, parallel=parallel)
+        batches = micro_batches(config.vocab_size, rank_setup(setup), fake_device)
+        return measure_steady_step(prepared, batches, setup)
+
+
+@contextlib.contextmanager
+def fake_process_group(world: int, rank: int = 0) -> Iterator[None]:
+    """`rank` of a `world`-rank job whose collectives do nothing (torch's fake process group): the
+    step runs the real distributed code, alone."""
+    if world == 1:
+        yield
+        return
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise ValueError(f"a dry run of {world} GPUs needs a process of its own (this one is already in a "
+                         "process group); run it outside torchrun")
+    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

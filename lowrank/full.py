@@ -24,45 +24,59 @@ from torch import nn
 from estimator.config import OPTIMIZERS, FullConfig, TrainSetup
 from estimator.constants import ADAM8_MIN_SIZE
 
+from .distributed import Parallel
 from .methods import Prepared
 
 SGD_MOMENTUM = 0.9
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, weight_decay: float = 0.0,
-                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
-    """The optimizer `name` (adamw, adamw8bit, adafactor, sgd) over `params`."""
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                    parallel: Parallel | None = None) -> torch.optim.Optimizer:
+    """The optimizer `name` (adamw, adamw8bit, adafactor, sgd) over `params`; under `--shard
+    optimizer`, torch's ZeroRedundancyOptimizer over the same class, each rank keeping its share."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: the method froze every weight")
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                 fused=_fused_ok(params))
-    if name == "adamw8bit":
+        cls, kwargs = torch.optim.AdamW, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                              fused=_fused_ok(params))
+    elif name == "adamw8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                   min_8bit_size=ADAM8_MIN_SIZE)
-    if name == "adafactor":
-        return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM, weight_decay=weight_decay)
-    raise ValueError(f"optimizer={name!r} is not one of {', '.join(OPTIMIZERS)}")
+        cls, kwargs = bnb.optim.AdamW8bit, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                                min_8bit_size=ADAM8_MIN_SIZE)
+    elif name == "adafactor":
+        cls, kwargs = torch.optim.Adafactor, dict(lr=lr, weight_decay=weight_decay)
+    elif name == "sgd":
+        cls, kwargs = torch.optim.SGD, dict(lr=lr, momentum=SGD_MOMENTUM, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer={name!r} is not one of {', '.join(OPTIMIZERS)}")
+    if parallel is not None and parallel.strategy == "optimizer":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(params, optimizer_class=cls, process_group=parallel.group, **kwargs)
+    return cls(params, **kwargs)
 
 
 def _fused_ok(params: list[torch.nn.Parameter]) -> bool:
-    """Fused AdamW needs floating-point tensors on one device type it supports (CPU, CUDA)."""
+    """Fused AdamW needs floating-point tensors (FSDP's DTensor shards too) on one device type it
+    supports (CPU, CUDA)."""
     devices = {p.device.type for p in params}
     return len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
 
 
 # ---------------------------------------------------------------------------------- method hooks
 def prepare(model: nn.Module, cfg: FullConfig, setup: TrainSetup, lr: float, weight_decay: float,
-            grad_clip: float | None) -> Prepared:
+            grad_clip: float | None, parallel: Parallel | None = None) -> Prepared:
     """Every parameter trainable, one optimizer over all of them; the loop clips."""
-    return Prepared(model, build_optimizer(model.parameters(), cfg.optimizer, lr, weight_decay), cfg, grad_clip)
+    engine = parallel.wrap(model, cfg) if parallel is not None else None
+    optimizer = build_optimizer(model.parameters(), cfg.optimizer, lr, weight_decay, parallel=parallel)
+    return Prepared(model, optimizer, cfg, grad_clip, engine=engine, parallel=parallel)
 
 
-def save(model: nn.Module, cfg, directory: Path, base_name: str | None, final: bool) -> None:
-    """The model folder (`save_pretrained`): loadable by transformers, the base of a later run."""
-    model.save_pretrained(directory)
+def save(model: nn.Module, cfg, directory: Path, base_name: str | None, final: bool,
+         state: dict | None = None) -> None:
+    """The model folder (`save_pretrained`): loadable by transformers, the base of a later run
+    (`state`: the whole weights, when the model holds only its shards)."""
+    model.save_pretrained(directory, state_dict=state)

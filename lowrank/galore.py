@@ -33,6 +33,15 @@ allow — and of the gradient Adam sees: the low-rank gradient R for targeted we
 under accumulation too), the full gradient otherwise. `grad_norm` is the global norm, √Σ‖g‖², of
 those pre-clip gradients.
 
+Data parallelism (`parallel`, lowrank/distributed.py): the optimizer reduces each gradient
+itself when it has arrived on every rank. Under `none` every rank holds the same projections,
+so between refreshes it all-reduces the low-rank gradient R (r×n, exact: projection is
+linear) and on a refresh the full one; rank 0's fresh projection is then broadcast so all ranks
+stay identical. Under `optimizer` (ZeRO-1) each rank owns whole matrices — the same greedy
+partition by size as torch's ZeroRedundancyOptimizer — keeps only their projections and moments,
+receives their summed gradient (`reduce`), updates them and broadcasts them after the step.
+Layer-wise updates keep working: the reduction happens in the hook, on the last micro-batch.
+
 Against galore-torch 1.0 (same trajectory otherwise, tests/lowrank/test_galore.py): eps and
 weight decay follow torch.optim.AdamW (eps added after the bias correction, decay before the
 step; galore-torch adds eps before and decays after); no m×n temporaries (it makes two per
@@ -46,6 +55,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
@@ -54,6 +64,7 @@ from estimator.config import GaLoreConfig, TrainSetup
 from estimator.constants import ADAM8_BLOCK, ADAM8_MIN_SIZE
 from estimator.targets import target_linears
 
+from .distributed import Parallel
 from .full import save as save  # a model folder, as full training saves
 from .methods import LowRankOptimizer, Prepared
 from .projector import DenseStore, GaLoreProjector, HoldsTensors
@@ -98,7 +109,7 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, optim_bits: int = 32,
                  grad_clip: float | None = None, layerwise: bool = False, grad_accum: int = 1,
-                 min_8bit_size: int = ADAM8_MIN_SIZE) -> None:
+                 min_8bit_size: int = ADAM8_MIN_SIZE, parallel: Parallel | None = None) -> None:
         problems = []
         if not lr >= 0:
             problems.append(f"lr={lr!r} must be ≥ 0")
@@ -127,6 +138,8 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
         self._group_of = {p: group for group in self.param_groups for p in group["params"]}
         self._low_grads: dict[Tensor, Tensor] = {}  # layer-wise: low-rank gradients summed over micro-batches
         self._micro: dict[Tensor, int] = {}  # layer-wise: backward passes seen per parameter this step
+        self.parallel = parallel
+        self._owner = self._partition() if parallel is not None and parallel.strategy == "optimizer" else None
         self._hooks = []
         projected = []
         for group in (g for g in self.param_groups if "rank" in g):
@@ -166,10 +179,14 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
             if self.layerwise:
                 self._finish(p, group)
             elif (grad := self._grad(p)) is not None:
-                self._update(p, group, grad)
-                del grad
+                low = self._reduce_gradient(p, grad)
+                if self._owns(p):
+                    self._update(p, group, grad, low)
+                del grad, low
         self._micro.clear()
-        self._grad_norm = None if self._norm_sq is None else self._norm_sq.sqrt()
+        if self._owner is not None:
+            self._broadcast_owned()
+        self._grad_norm = self._global_norm()
         self._norm_sq = None
         return loss
 
@@ -183,7 +200,16 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
         return [s["projector"] for s in self.state.values() if "projector" in s]
 
     def layer_info(self) -> list[dict]:
-        """Per projected weight: name, shape, rank, side, current gap, SVDs done, next refresh."""
+        """Per projected weight: name, shape, rank, side, current gap, SVDs done, next refresh
+        (under ZeRO-1, each row from the rank that owns the weight: a collective)."""
+        rows = self._local_layer_info()
+        if self._owner is None:
+            return rows
+        everyone = self.parallel.gather(rows)
+        owners = [self._owner[p] for p, state in self.state.items() if "projector" in state]
+        return [everyone[owner][i] for i, owner in enumerate(owners)]
+
+    def _local_layer_info(self) -> list[dict]:
         return [proj.info() for proj in self.projectors()]
 
     def state_tensors(self) -> list[Tensor]:
@@ -201,6 +227,22 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
                        for key, st in sd["state"].items()}
         return sd
 
+    def whole_state_dict(self) -> dict:
+        """The state dict one process would hold: under ZeRO-1 every owner's states, gathered on
+        rank 0 (a collective; {} on the other ranks)."""
+        sd = self.state_dict()
+        if self._owner is None:
+            return sd
+        everyone = self.parallel.gather_to_main(sd)
+        if everyone is None:
+            return {}
+        params = [p for group in self.param_groups for p in group["params"]]
+        sd["state"] = {i: everyone[self._owner[p]]["state"][i] for i, p in enumerate(params)
+                       if i in everyone[self._owner[p]]["state"]}
+        for other in everyone:  # per-layer rounding streams (Q-GaLore), each kept by its owner
+            sd.get("rounding_rng", {}).update(other.get("rounding_rng", {}))
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore moments, projections and schedules; tensors keep their saved dtypes."""
         saved_groups = state_dict["param_groups"]
@@ -214,6 +256,8 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
             by_id.update(zip(saved["params"], group["params"]))
         for key, saved_state in state_dict["state"].items():
             p = by_id[key]
+            if not self._owns(p):  # ZeRO-1: another rank keeps this tensor's state
+                continue
             state = {k: (v.to(p.device) if isinstance(v, Tensor) else v) for k, v in saved_state.items()}
             if "projector" in state:
                 self.state[p]["projector"].load_state_dict(state["projector"])
@@ -254,6 +298,77 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
         """p ← beta·p + alpha·project_back(direction), in place, without an m×n temporary."""
         projector.add_back_(p, direction, alpha=alpha, beta=beta)
 
+    def _trained_tensors(self, p: Tensor) -> list[Tensor]:
+        """What an update of `p` changes (the owner broadcasts them): the parameter itself."""
+        return [p.data]
+
+    # ------------------------------------------------------------------ data parallelism
+    def _partition(self) -> dict[Tensor, int]:
+        """Which rank owns each trainable tensor: torch's ZeroRedundancyOptimizer rule — each group's
+        tensors, largest first, go to the rank holding the fewest elements so far."""
+        sizes = [0] * self.parallel.world
+        owner = {}
+        for group in self.param_groups:
+            for p in sorted(group["params"], key=lambda t: t.numel(), reverse=True):
+                rank = sizes.index(min(sizes))
+                owner[p] = rank
+                sizes[rank] += p.numel()
+        return owner
+
+    def _owns(self, p: Tensor) -> bool:
+        return self._owner is None or self._owner[p] == self.parallel.rank
+
+    def _reduce_in_place(self, p: Tensor, t: Tensor | None) -> None:
+        """The mean of `t` over the ranks: on `p`'s owner (ZeRO-1) or on every rank."""
+        if self.parallel is None or t is None:
+            return
+        if self._owner is None:
+            dist.all_reduce(t, group=self.parallel.group)
+        else:
+            dist.reduce(t, dst=self._owner[p], group=self.parallel.group)
+        t.div_(self.parallel.world)
+
+    def _reduce_gradient(self, p: Tensor, grad: Tensor) -> Tensor | None:
+        """Reduce `p`'s gradient for a global step; returns its low-rank projection when every rank
+        could project it first (the projection was reduced instead of the gradient), else None."""
+        if self.parallel is None:
+            return None
+        state = self.state[p]
+        projector = state.get("projector")
+        if projector is not None and self._owner is None and not projector.due(state.get("step", 0)):
+            low = projector.project(grad)
+            self._reduce_in_place(p, low)
+            return low
+        self._reduce_in_place(p, grad)
+        return None
+
+    def _share_projection(self, projector: GaLoreProjector) -> None:
+        """After a refresh under `none`: rank 0's projection and schedule on every rank, so the ranks
+        never disagree on what to reduce (two SVDs of the same gradient may differ in the last bit)."""
+        if self.parallel is None or self._owner is not None or self.parallel.fake:  # a dry run has one rank
+            return
+        for t in projector.state_tensors():
+            dist.broadcast(t, src=0, group=self.parallel.group)
+        schedule = torch.tensor([projector.gap, projector.next_refresh], dtype=torch.int64, device=self.parallel.device)
+        dist.broadcast(schedule, src=0, group=self.parallel.group)
+        projector.gap, projector.next_refresh = (int(v) for v in schedule.tolist())
+
+    def _broadcast_owned(self) -> None:
+        """ZeRO-1: each owner sends what it updated; every rank ends the step with the same weights."""
+        work = [dist.broadcast(t, src=self._owner[p], group=self.parallel.group, async_op=True)
+                for p in self._group_of for t in self._trained_tensors(p)]
+        for handle in work:
+            handle.wait()
+
+    def _global_norm(self) -> Tensor | None:
+        """√Σ‖g‖² over every tensor: under ZeRO-1 each rank summed its own tensors'."""
+        if self._owner is None:
+            return None if self._norm_sq is None else self._norm_sq.sqrt()
+        total = torch.zeros((), dtype=torch.float32, device=self.parallel.device) if self._norm_sq is None \
+            else self._norm_sq.float().to(self.parallel.device)
+        dist.all_reduce(total, group=self.parallel.group)
+        return total.sqrt()
+
     # ------------------------------------------------------------------ layer-wise hooks
     @torch.no_grad()
     def _on_grad(self, p: Tensor) -> None:
@@ -265,7 +380,8 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
                                "of micro-batches per step, and call optimizer.step() after each step")
         state = self.state[p]
         projector = state.get("projector")
-        if projector is not None and not projector.due(state.get("step", 0)):
+        # an owner-only projection (ZeRO-1) cannot project other ranks' gradients: they accumulate in full
+        if projector is not None and self._owner is None and not projector.due(state.get("step", 0)):
             low = projector.project(self._grad(p))  # exact: P(G1 + G2) = P G1 + P G2
             self._drop_grad(p)
             if p in self._low_grads:
@@ -274,7 +390,13 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
                 self._low_grads[p] = low
             del low
         if micro == self.grad_accum:
-            self._finish(p, self._group_of[p])
+            if self.parallel is not None:
+                self._reduce_in_place(p, self._low_grads.get(p, self._grad(p)))
+            if self._owns(p):
+                self._finish(p, self._group_of[p])
+            else:  # another rank owns it: it received the sum; free ours
+                self._low_grads.pop(p, None)
+                self._drop_grad(p)
 
     def _finish(self, p: Tensor, group: dict) -> None:
         """Update `p` from what it accumulated this step (if anything) and free its gradient."""
@@ -291,6 +413,7 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
         if projector is not None and low is None:
             if projector.due(step):
                 projector.refresh(grad, step)
+                self._share_projection(projector)
             low = projector.project(grad)  # (r, n) or (m, r)
         g = grad if projector is None else low
         norm = torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32))
@@ -384,17 +507,22 @@ def galore_param_groups(model: nn.Module, cfg: GaLoreConfig) -> list[dict]:
 
 def build_galore_optimizer(model: nn.Module, cfg: GaLoreConfig, lr: float, weight_decay: float = 0.0,
                            betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                           grad_clip: float | None = None, grad_accum: int = 1) -> GaLoreAdamW:
+                           grad_clip: float | None = None, grad_accum: int = 1,
+                           parallel: Parallel | None = None) -> GaLoreAdamW:
     """The GaLore optimizer for `model` as `cfg` describes it (layer-wise hooks included);
-    `grad_accum` micro-batches make one step."""
+    `grad_accum` micro-batches make one step; `parallel`: this rank's data-parallel job."""
     return GaLoreAdamW(galore_param_groups(model, cfg), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                        optim_bits=8 if cfg.optimizer == "adamw8bit" else 32, grad_clip=grad_clip,
-                       layerwise=cfg.layerwise, grad_accum=grad_accum)
+                       layerwise=cfg.layerwise, grad_accum=grad_accum, parallel=parallel)
 
 
 # ---------------------------------------------------------------------------------- method hooks
 def prepare(model: nn.Module, cfg: GaLoreConfig, setup: TrainSetup, lr: float, weight_decay: float,
-            grad_clip: float | None) -> Prepared:
-    """Full-rank weights, GaLore's optimizer over all of them; it clips per layer (not the loop)."""
-    optimizer = build_galore_optimizer(model, cfg, lr, weight_decay, grad_clip=grad_clip, grad_accum=setup.grad_accum)
-    return Prepared(model, optimizer, cfg, grad_clip=None, lowrank=optimizer)
+            grad_clip: float | None, parallel: Parallel | None = None) -> Prepared:
+    """Full-rank weights, GaLore's optimizer over all of them; it clips per layer (not the loop) and
+    reduces its own gradients across ranks."""
+    if parallel is not None:
+        parallel.wrap(model, cfg)  # refuses the strategies GaLore cannot take; wraps nothing
+    optimizer = build_galore_optimizer(model, cfg, lr, weight_decay, grad_clip=grad_clip,
+                                       grad_accum=setup.grad_accum, parallel=parallel)
+    return Prepared(model, optimizer, cfg, grad_clip=None, lowrank=optimizer, parallel=parallel)

@@ -38,6 +38,7 @@ from torch import nn
 from estimator.config import LoRAConfig, TrainSetup
 from estimator.targets import target_linears
 
+from .distributed import Parallel
 from .methods import Prepared
 
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
@@ -210,7 +211,7 @@ def peft_target_modules(model: nn.Module) -> list[str]:
 
 
 def save_adapter(model: nn.Module, cfg: LoRAConfig, directory: str | Path,
-                 base_model_name_or_path: str | None = None) -> Path:
+                 base_model_name_or_path: str | None = None, state: dict | None = None) -> Path:
     """Write `adapter_config.json` and `adapter_model.safetensors` as peft 0.21 does."""
     layers = lora_layers(model)
     if not layers:
@@ -247,7 +248,8 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, directory: str | Path,
     tensors = {}
     for path, layer in layers.items():
         for part in ("lora_A", "lora_B"):
-            tensors[f"{PEFT_PREFIX}{path}.{part}.weight"] = getattr(layer, part).weight.detach().contiguous()
+            weight = state[f"{path}.{part}.weight"] if state is not None else getattr(layer, part).weight
+            tensors[f"{PEFT_PREFIX}{path}.{part}.weight"] = weight.detach().contiguous()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -322,14 +324,23 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
 
 # ---------------------------------------------------------------------------------- method hooks
 def prepare(model: nn.Module, cfg: LoRAConfig, setup: TrainSetup, lr: float, weight_decay: float,
-            grad_clip: float | None) -> Prepared:
+            grad_clip: float | None, parallel: Parallel | None = None) -> Prepared:
     """Adapters on `cfg.targets`, everything else frozen; the optimizer sees the adapters only."""
+    return adapters_prepared(apply_lora(model, cfg), cfg, lr, weight_decay, grad_clip, parallel)
+
+
+def adapters_prepared(model: nn.Module, cfg: LoRAConfig, lr: float, weight_decay: float, grad_clip: float | None,
+                      parallel: Parallel | None) -> Prepared:
+    """A model with adapters, wrapped for `parallel`, and an optimizer over its adapters (LoRA, QLoRA)."""
     from .full import build_optimizer
 
-    model = apply_lora(model, cfg)
-    return Prepared(model, build_optimizer(lora_parameters(model), cfg.optimizer, lr, weight_decay), cfg, grad_clip)
+    engine = parallel.wrap(model, cfg) if parallel is not None else None
+    optimizer = build_optimizer(lora_parameters(model), cfg.optimizer, lr, weight_decay, parallel=parallel)
+    return Prepared(model, optimizer, cfg, grad_clip, engine=engine, parallel=parallel)
 
 
-def save(model: nn.Module, cfg: LoRAConfig, directory: Path, base_name: str | None, final: bool) -> None:
-    """A PEFT adapter (`peft.PeftModel.from_pretrained(base, directory)` loads it)."""
-    save_adapter(model, cfg, directory, base_model_name_or_path=base_name)
+def save(model: nn.Module, cfg: LoRAConfig, directory: Path, base_name: str | None, final: bool,
+         state: dict | None = None) -> None:
+    """A PEFT adapter (`peft.PeftModel.from_pretrained(base, directory)` loads it); `state`: the
+    whole weights, when the model holds only its shards (FSDP)."""
+    save_adapter(model, cfg, directory, base_model_name_or_path=base_name, state=state)

@@ -17,6 +17,11 @@ The peak is the op at which live bytes were largest; its breakdown sums the stor
 that op by their final category, so a tensor born as a temporary and saved a moment later
 counts as an activation.
 
+Sharded training is counted as this rank sees it: a DTensor counts its local shard; FSDP2
+frees and refills its gathered parameters by resizing their storage (`UntypedStorage.resize_`,
+followed here), and those gathered weights count as `weights`, their gradients before the
+reduce-scatter as `gradients`.
+
     tracker = MemoryTracker()
     tracker.watch_model(model); tracker.watch(prepared.state_tensors(), "optimizer")
     with tracker:
@@ -37,6 +42,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -106,11 +112,14 @@ class MemoryTracker(TorchDispatchMode):
         self._hooks: list = []
         self._saved_hooks = None
         self._forward_ends: list[int] = []  # the clock at the end of each micro-batch's forward
+        self._sticky: dict[int, str] = {}  # storages that keep their category when resized back to life
 
     # ----------------------------------------------------------------- registration
     def _register(self, tensor: torch.Tensor, category: str | None) -> _Storage | None:
         if not isinstance(tensor, torch.Tensor):
             return None
+        if isinstance(tensor, DTensor):  # a shard (FSDP2): this rank holds its local tensor only
+            tensor = tensor._local_tensor
         try:
             st = tensor.untyped_storage()
         except (RuntimeError, NotImplementedError):  # sparse or opaque tensors
@@ -130,6 +139,27 @@ class MemoryTracker(TorchDispatchMode):
         self._current += record.nbytes
         self._note_peak()
         return record
+
+    def _on_resize(self, storage: torch.UntypedStorage) -> None:
+        """A storage changed size in place: the old bytes die, the new ones are born (FSDP2)."""
+        key = id(storage)
+        old = self._storages.pop(key, None)
+        if old is not None:
+            self._clock += 1
+            old.died = self._clock
+            self._current -= old.nbytes
+        if storage.nbytes() == 0:
+            return
+        self._clock += 1
+        record = _Storage(_storage_bytes(storage, storage.device), self._clock, self._phase,
+                          category=self._sticky.get(key) or (old.category if old else None))
+        self._storages[key] = record
+        if self._keep_records:
+            self._records.append(record)
+        if key not in self._refs:
+            self._refs[key] = weakref.ref(storage, lambda _ref, key=key: self._on_free(key))
+        self._current += record.nbytes
+        self._note_peak()
 
     def _on_free(self, key: int) -> None:
         record = self._storages.pop(key, None)
@@ -154,6 +184,7 @@ class MemoryTracker(TorchDispatchMode):
             record = self._register(t, category)
             if record is not None:
                 record.category = category
+                self._sticky[id(_local(t).untyped_storage())] = category
 
     def watch_model(self, model: torch.nn.Module) -> None:
         """Parameters and buffers as weights (LoRA factors as adapters), grads as gradients.
@@ -171,6 +202,12 @@ class MemoryTracker(TorchDispatchMode):
                 _run_first(getattr(param, "_post_accumulate_grad_hooks", None), handle)
                 self._hooks.append(handle)
         self.watch(model.buffers(), "weights")
+        for fsdp_param in _fsdp_params(model):  # gathered copies and their gradients: freed and refilled each step
+            for t in fsdp_param.all_gather_outputs:
+                self._sticky[id(t.untyped_storage())] = "weights"
+            unsharded = getattr(fsdp_param, "_unsharded_param", None)
+            if unsharded is not None and unsharded.requires_grad:
+                self._hooks.append(unsharded.register_post_accumulate_grad_hook(self._on_grad))
         for module in model.modules():
             self.watch(quantized_state_tensors(module), "weights")
             if hasattr(module, "register_weight_grad_hook"):
@@ -212,10 +249,16 @@ class MemoryTracker(TorchDispatchMode):
     def __enter__(self):
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._saved_hooks.__enter__()
+        if not _RESIZES:
+            torch.UntypedStorage.resize_ = _tracked_resize
+        _RESIZES.append(self)
         return super().__enter__()
 
     def __exit__(self, *exc):
         result = super().__exit__(*exc)
+        _RESIZES.remove(self)
+        if not _RESIZES:
+            torch.UntypedStorage.resize_ = _resize
         self._saved_hooks.__exit__(*exc)
         for hook in self._hooks:
             hook.remove()
@@ -257,6 +300,35 @@ class MemoryTracker(TorchDispatchMode):
             return Measured(self._peak, phase, {}, phase_peaks=dict(self._phase_peaks))
         breakdown = self.breakdown_at(self._peak_clock)
         return Measured(sum(breakdown.values()), phase, breakdown, phase_peaks=dict(self._phase_peaks))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _fsdp_params(model: torch.nn.Module) -> list:
+    """FSDP2's per-parameter records (torch.distributed.fsdp internals) of every fully_shard-ed module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    params = []
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            group = module._get_fsdp_state()._fsdp_param_group
+            params += group.fsdp_params if group is not None else []
+    return params
+
+
+# UntypedStorage.resize_ is not an operator a dispatch mode sees: while trackers are active, the
+# method is wrapped so that they see storages resized in place.
+_RESIZES: list[MemoryTracker] = []
+_resize = torch.UntypedStorage.resize_
+
+
+def _tracked_resize(storage: torch.UntypedStorage, size: int):
+    out = _resize(storage, size)
+    for tracker in _RESIZES:
+        tracker._on_resize(storage)
+    return out
 
 
 def _run_first(hooks, handle) -> None:

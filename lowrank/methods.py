@@ -7,8 +7,13 @@
 A method is one module of lowrank/ with two hooks, registered in METHOD_MODULES under the name
 its config dataclass carries (`cfg.method`, estimator/config.py):
 
-    def prepare(model, cfg, setup, lr, weight_decay, grad_clip) -> Prepared
-    def save(model, cfg, directory, base_name, final) -> None   # PEFT adapter, or a model folder
+    def prepare(model, cfg, setup, lr, weight_decay, grad_clip, parallel) -> Prepared
+    def save(model, cfg, directory, base_name, final, state) -> None   # PEFT adapter, or a model folder
+
+`parallel` (lowrank/distributed.py, None for one process) is this rank's place in a data-parallel
+job: a method changes the model, lets `parallel.wrap` wrap it (DDP, or FSDP2's fully_shard,
+which must come before the optimizer sees the parameters), then builds its optimizer over what
+the wrapping left.
 
 `prepare` here does what every method shares first — gradient checkpointing, the cast to the
 setup's dtype (QLoRA quantizes from it), train mode — then calls the method's hook, which
@@ -30,9 +35,12 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from estimator.config import MethodConfig, TrainSetup
 from estimator.constants import torch_dtype
+
+from .distributed import Parallel
 
 METHOD_MODULES = {
     "full": "lowrank.full",
@@ -82,6 +90,8 @@ class Prepared:
 
     grad_clip: the loop clips the global gradient norm to it (None: no clipping in the loop).
     lowrank: the optimizer again when it is a LowRankOptimizer (it clips by itself).
+    engine: what the step runs forward through, when not the model itself (DDP's wrapper).
+    parallel: this rank's data-parallel job (lowrank/distributed.py), None for one process.
     """
 
     model: nn.Module
@@ -89,6 +99,12 @@ class Prepared:
     method: MethodConfig
     grad_clip: float | None = None
     lowrank: LowRankOptimizer | None = None
+    engine: nn.Module | None = None
+    parallel: Parallel | None = None
+
+    @property
+    def forward(self) -> nn.Module:
+        return self.engine if self.engine is not None else self.model
 
     def trainable_parameters(self) -> int:
         extra = self.lowrank.extra_trainable_numel() if self.lowrank else 0
@@ -98,7 +114,10 @@ class Prepared:
         """Every tensor the optimizer holds (what memory tracking counts as `optimizer`)."""
         if self.lowrank is not None:
             return self.lowrank.state_tensors()
-        return [t for state in self.optimizer.state.values() for t in _tensors_in(state)]
+        optimizer = self.optimizer
+        if isinstance(optimizer, ZeroRedundancyOptimizer):  # ZeRO-1: this rank's share, in its local optimizer
+            optimizer = optimizer.optim
+        return [t for state in optimizer.state.values() for t in _tensors_in(state)]
 
     def gradient_tensors(self) -> list[Tensor]:
         return self.lowrank.gradient_tensors() if self.lowrank else []
@@ -141,7 +160,7 @@ def get_method(name: str) -> Method:
 
 
 def prepare(model: nn.Module, method: MethodConfig, setup: TrainSetup, lr: float,
-            weight_decay: float = 0.0, grad_clip: float | None = None) -> Prepared:
+            weight_decay: float = 0.0, grad_clip: float | None = None, parallel: Parallel | None = None) -> Prepared:
     """Checkpointing, the cast to `setup.dtype`, train mode; then the method's own hook."""
     if setup.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -150,12 +169,25 @@ def prepare(model: nn.Module, method: MethodConfig, setup: TrainSetup, lr: float
     if any(t.is_floating_point() and t.dtype != dtype for t in (*model.parameters(), *model.buffers())):
         model.to(dtype)  # skipped when already cast: a dry run's fake parameters cannot be swapped (dryrun.py)
     model.train()
-    return get_method(method.method).prepare(model, method, setup, lr, weight_decay, grad_clip)
+    return get_method(method.method).prepare(model, method, setup, lr, weight_decay, grad_clip, parallel)
 
 
 def save_model(prepared: Prepared, directory: str | Path, base_name: str | None, final: bool = False) -> Path:
     """A usable copy of the trained model in `directory`: a PEFT adapter for LoRA/QLoRA, a model
-    folder otherwise (`final`: the last one, which may convert the model, as Q-GaLore dequantizes)."""
+    folder otherwise (`final`: the last one, which may convert the model, as Q-GaLore dequantizes).
+
+    Every rank of a job calls it: FSDP's shards are gathered (`state`: the whole state dict the
+    hook writes instead of the model's own), and rank 0 writes."""
+    from torch.distributed.fsdp import FSDPModule
+
     directory = Path(directory)
-    get_method(prepared.method.method).save(prepared.model, prepared.method, directory, base_name, final)
+    state = None
+    if isinstance(prepared.model, FSDPModule):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(prepared.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if prepared.parallel is None or prepared.parallel.is_main:
+        get_method(prepared.method.method).save(prepared.model, prepared.method, directory, base_name, final, state)
+    if prepared.parallel is not None:
+        prepared.parallel.barrier()
     return directory

@@ -36,6 +36,7 @@ from torch.utils.hooks import RemovableHandle
 from estimator.config import QGaLoreConfig, TrainSetup
 from estimator.targets import target_linears
 
+from .distributed import Parallel
 from .galore import GaLoreAdamW
 from .methods import Prepared
 from .projector import GaLoreProjector
@@ -340,7 +341,8 @@ class QGaLoreAdamW(GaLoreAdamW):
                  seed: int = 0, **kwargs) -> None:
         self._layers = layers  # weight_codes -> its layer
         self._cfg, self._dtype, self._seed = cfg, dtype, seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._layer_index = {codes: i for i, codes in enumerate(layers)}
+        self._generators: dict[Tensor, torch.Generator] = {}  # one stream per layer (see _generator)
         super().__init__(params, **kwargs)
 
     def make_projector(self, p: Tensor, group: dict, name: str, index: int, count: int) -> GaLoreProjector:
@@ -378,12 +380,26 @@ class QGaLoreAdamW(GaLoreAdamW):
         if layer is None:
             return super()._add_back(p, projector, direction, alpha, beta)
         update = projector.project_back(direction).mul_(alpha)  # (out, in) in the compute dtype
-        layer.apply_update(update, self._generator(update.device), beta=beta)
+        layer.apply_update(update, self._generator(p), beta=beta)
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
-        return self._generators[device]
+    def _generator(self, codes: Tensor) -> torch.Generator:
+        """The stochastic-rounding stream of one layer, seeded by its index: the same draws whichever
+        rank updates the layer (ZeRO-1), in whatever order the layers come."""
+        if codes not in self._generators:
+            seed = self._seed * 1_000_003 + self._layer_index[codes]
+            self._generators[codes] = torch.Generator(device=codes.device).manual_seed(seed)
+        return self._generators[codes]
+
+    def _trained_tensors(self, p: Tensor) -> list[Tensor]:
+        """An INT8 layer's update changes its codes and its group constants."""
+        layer = self._layers.get(p)
+        return super()._trained_tensors(p) if layer is None else \
+            [layer.weight_codes, layer.weight_scales, layer.weight_offsets]
+
+    def _share_projection(self, projector: GaLoreProjector) -> None:
+        super()._share_projection(projector)
+        if self.parallel is not None and isinstance(projector.on_refresh, AdaptiveGap):
+            projector.on_refresh.gap = projector.gap  # rank 0's gap decision, as its schedule
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -398,9 +414,9 @@ class QGaLoreAdamW(GaLoreAdamW):
         """INT8 weights are trained but are not parameters: their element count."""
         return sum(codes.numel() for codes in self._layers)
 
-    def layer_info(self) -> list[dict]:
+    def _local_layer_info(self) -> list[dict]:
         """GaLore's per-layer info plus each layer's similarity history (the app plots it)."""
-        info = super().layer_info()
+        info = super()._local_layer_info()
         for row, state in zip(info, (self.state[p] for p in self._layers)):
             gap = state["adaptive"]
             row["similarities"] = gap.similarities
@@ -411,6 +427,7 @@ class QGaLoreAdamW(GaLoreAdamW):
         for st in sd["state"].values():
             if isinstance(st.get("adaptive"), AdaptiveGap):
                 st["adaptive"] = st["adaptive"].state_dict()
+        sd["rounding_rng"] = {self._layer_index[codes]: gen.get_state() for codes, gen in self._generators.items()}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -421,14 +438,20 @@ class QGaLoreAdamW(GaLoreAdamW):
         index = {i: p for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for key, state in adaptive.items():
             p = index[key]
+            if not self._owns(p):
+                continue
             gaps[p].load_state_dict(state)
             self.state[p]["adaptive"] = gaps[p]
             self.state[p]["projector"].on_refresh = gaps[p]
+        by_layer = {i: codes for codes, i in self._layer_index.items()}
+        for i, rng in state_dict.get("rounding_rng", {}).items():
+            self._generator(by_layer[int(i)]).set_state(rng)
 
 
 def build_qgalore_optimizer(model: nn.Module, cfg: QGaLoreConfig, lr: float, weight_decay: float = 0.0,
                             betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                            grad_clip: float | None = None, seed: int = 0, grad_accum: int = 1) -> QGaLoreAdamW:
+                            grad_clip: float | None = None, seed: int = 0, grad_accum: int = 1,
+                            parallel: Parallel | None = None) -> QGaLoreAdamW:
     """Q-GaLore's optimizer for a model whose target layers `quantize_model_weights` converted."""
     layers = int8_linears(model)
     if not layers:
@@ -450,7 +473,7 @@ def build_qgalore_optimizer(model: nn.Module, cfg: QGaLoreConfig, lr: float, wei
     return QGaLoreAdamW(groups, {layer.weight_codes: layer for _, layer in layers}, cfg, dtype, seed=seed,
                         lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         optim_bits=8 if cfg.optimizer == "adamw8bit" else 32, grad_clip=grad_clip,
-                        layerwise=cfg.layerwise, grad_accum=grad_accum)
+                        layerwise=cfg.layerwise, grad_accum=grad_accum, parallel=parallel)
 
 
 @torch.no_grad()
@@ -475,14 +498,19 @@ def dequantize_model_weights(model: nn.Module, dtype: torch.dtype | None = None)
 
 # ----------------------------------------------------------------------------- method hooks
 def prepare(model: nn.Module, cfg: QGaLoreConfig, setup: TrainSetup, lr: float, weight_decay: float,
-            grad_clip: float | None) -> Prepared:
-    """INT8 target weights, Q-GaLore's optimizer over the model; it clips per layer (not the loop)."""
+            grad_clip: float | None, parallel: Parallel | None = None) -> Prepared:
+    """INT8 target weights, Q-GaLore's optimizer over the model; it clips per layer (not the loop)
+    and reduces its own gradients across ranks."""
     model = quantize_model_weights(model, cfg)
-    optimizer = build_qgalore_optimizer(model, cfg, lr, weight_decay, grad_clip=grad_clip, grad_accum=setup.grad_accum)
-    return Prepared(model, optimizer, cfg, grad_clip=None, lowrank=optimizer)
+    if parallel is not None:
+        parallel.wrap(model, cfg)  # refuses the strategies Q-GaLore cannot take; wraps nothing
+    optimizer = build_qgalore_optimizer(model, cfg, lr, weight_decay, grad_clip=grad_clip,
+                                        grad_accum=setup.grad_accum, parallel=parallel)
+    return Prepared(model, optimizer, cfg, grad_clip=None, lowrank=optimizer, parallel=parallel)
 
 
-def save(model: nn.Module, cfg: QGaLoreConfig, directory: Path, base_name: str | None, final: bool) -> None:
+def save(model: nn.Module, cfg: QGaLoreConfig, directory: Path, base_name: str | None, final: bool,
+         state: dict | None = None) -> None:
     """A model folder: INT8 codes and group constants for a snapshot; the last one dequantized, so
     any transformers code loads it (the base of a later run)."""
     if final:

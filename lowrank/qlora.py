@@ -31,7 +31,8 @@ from estimator.config import QLoRAConfig, TrainSetup
 from estimator.constants import NF4_BLOCK, torch_dtype
 from estimator.targets import target_linears
 
-from .lora import _replace, apply_lora, lora_layers, lora_parameters
+from .distributed import Parallel
+from .lora import _replace, adapters_prepared, apply_lora, lora_layers
 from .lora import save as save  # a QLoRA adapter is a LoRA adapter (PEFT format)
 from .methods import Prepared
 
@@ -127,9 +128,6 @@ def quantized_weight_bytes(model: nn.Module) -> int:
 
 # ---------------------------------------------------------------------------------- method hook
 def prepare(model: nn.Module, cfg: QLoRAConfig, setup: TrainSetup, lr: float, weight_decay: float,
-            grad_clip: float | None) -> Prepared:
+            grad_clip: float | None, parallel: Parallel | None = None) -> Prepared:
     """4-bit decoder linears, adapters in the compute dtype; the optimizer sees the adapters only."""
-    from .full import build_optimizer
-
-    model = apply_qlora(model, cfg)
-    return Prepared(model, build_optimizer(lora_parameters(model), cfg.optimizer, lr, weight_decay), cfg, grad_clip)
+    return adapters_prepared(apply_qlora(model, cfg), cfg, lr, weight_decay, grad_clip, parallel)

@@ -48,6 +48,7 @@ from estimator.options import Option, flags_for, option_flags
 
 from .checkpoints import load_checkpoint, save_base, save_checkpoint, write_atomically
 from .device import device_capacity, resolve_device
+from .distributed import Parallel
 from .memory import StepMemory, cuda_measurement
 from .methods import Prepared, prepare, save_model
 from .step import autocast, measure_step, training_step
@@ -217,9 +218,15 @@ class Session:
     device: torch.device
     data: Any  # lowrank.data.Data
     prepared: Prepared
-    predicted: Any = None  # estimator.estimate.Estimate for this exact run
+    predicted: Any = None  # estimator.estimate.Estimate for this exact run (per GPU)
     params_total: int | None = None
     pretrained: bool = False  # loaded from saved weights (a LoRA adapter then needs no base/)
+    parallel: Parallel | None = None  # this rank's place in a data-parallel job (torchrun)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the run folder; the other ranks train, measure and report to it."""
+        return self.parallel is None or self.parallel.is_main
 
     @property
     def out(self) -> Path:
@@ -271,8 +278,17 @@ def start_session(spec: RunSpec) -> Session:
     from .data import find_tokenizer, load_data
 
     device = resolve_device(spec.device)
-    model_spec = load_spec(spec.model, spec.trust_remote_code)
+    parallel = Parallel.from_env(spec.setup.shard, device)
     setup = spec.setup
+    if parallel is None and setup.gpus > 1:
+        raise ValueError(f"gpus={setup.gpus} trains one process per GPU: launch it with torchrun "
+                         f"--nproc-per-node {setup.gpus} -m lowrank.train ... (or --gpus 1)")
+    if parallel is not None:
+        if setup.gpus != parallel.world:
+            raise ValueError(f"gpus={setup.gpus} but torchrun started {parallel.world} processes; give --gpus "
+                             f"{parallel.world} or leave it out")
+        device = parallel.device
+    model_spec = load_spec(spec.model, spec.trust_remote_code)
     if model_spec.max_position and setup.seq_len > model_spec.max_position:
         raise ValueError(f"seq_len={setup.seq_len} is above {model_spec.name}'s maximum position "
                          f"{model_spec.max_position}; use --seq-len {model_spec.max_position} or less")
@@ -289,8 +305,9 @@ def start_session(spec: RunSpec) -> Session:
         setup = dataclasses.replace(setup, padded=True)
     predicted = estimate_spec(model_spec, spec.method, setup, device=device.type)
     model, pretrained = build_model(spec, setup)
-    prepared = prepare(model.to(device), spec.method, setup, spec.peak_lr, spec.weight_decay, spec.grad_clip)
-    return Session(spec, setup, device, data, prepared, predicted, model_spec.params_total, pretrained)
+    prepared = prepare(model.to(device), spec.method, setup, spec.peak_lr, spec.weight_decay, spec.grad_clip,
+                       parallel)
+    return Session(spec, setup, device, data, prepared, predicted, model_spec.params_total, pretrained, parallel)
 
 
 def session_for_model(spec: RunSpec, model: torch.nn.Module, data, device: str = "cpu") -> Session:
@@ -305,7 +322,9 @@ def write_json(path: Path, data: dict) -> None:
 
 def begin_run(session: Session) -> int:
     """A new run folder: the tokenizer, the random base (LoRA on a preset), config.json and an
-    empty metrics.jsonl. Returns the first step (0)."""
+    empty metrics.jsonl (rank 0 writes). Returns the first step (0)."""
+    if not session.is_main:
+        return 0
     out, spec = session.out, session.spec
     out.mkdir(parents=True, exist_ok=True)
     session.data.tokenizer.save_pretrained(out / "tokenizer")
@@ -326,9 +345,10 @@ def resume_run(session: Session) -> int:
     metrics of steps after the checkpoint (written before a kill) are dropped, so each step
     appears once. Returns the first step to run."""
     first = load_checkpoint(session.out, session.prepared, session.data, session.device)
-    metrics = session.out / "metrics.jsonl"
-    kept = [line for line in read_metrics(metrics) if line["step"] <= first]
-    write_atomically(metrics, lambda tmp: tmp.write_text("".join(json.dumps(line) + "\n" for line in kept)))
+    if session.is_main:
+        metrics = session.out / "metrics.jsonl"
+        kept = [line for line in read_metrics(metrics) if line["step"] <= first]
+        write_atomically(metrics, lambda tmp: tmp.write_text("".join(json.dumps(line) + "\n" for line in kept)))
     return first
 
 
@@ -338,7 +358,7 @@ def read_metrics(path: Path) -> list[dict]:
     by_step: dict[int, dict] = {}
     with contextlib.suppress(OSError):
         for raw in path.read_bytes().splitlines():
-            with contextlib.suppress(ValueError, UnicodeDecodeError):
+            with contextlib.suppress(ValueError, UnicodeDecodeError, RecursionError):
                 line = json.loads(raw)
                 if isinstance(line, dict) and _whole(line.get("step")):
                     by_step[line["step"]] = line
@@ -358,14 +378,18 @@ class StepResult:
     tokens: int  # tokens seen so far
     step_tokens: int  # tokens in this step (all micro-batches)
     memory_peak_bytes: int
-    measured: dict | None = None  # the breakdown by category, on the measured step
+    measured: dict | None = None  # the breakdown by category, on the measured step (the largest rank's)
     layers: dict | None = None  # GaLore: per-layer gaps and SVD counts
     eval_loss: float | None = None
+    measured_ranks: list[dict] | None = None  # several ranks: each one's measurement, in rank order
+    memory_peak_ranks: list[int] | None = None  # several ranks: each one's peak this step, in rank order
 
     def line(self) -> dict:
         out = {"step": self.step, "loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm,
                "tokens": self.tokens, "tokens_per_s": self.tokens_per_s, "step_time_s": self.seconds,
                "memory_peak_bytes": self.memory_peak_bytes}
+        if self.memory_peak_ranks is not None:
+            out["memory_peak_ranks"] = self.memory_peak_ranks
         if self.eval_loss is not None:
             out["eval_loss"] = self.eval_loss
         if self.layers is not None:
@@ -380,11 +404,14 @@ class StepResult:
 def run_step(session: Session, step: int, measure: bool = False) -> StepResult:
     """Step `step` (0-based): the scheduled lr, the next micro-batches, one update, its memory
     (by category when `measure`)."""
-    spec, device, prepared = session.spec, session.device, session.prepared
+    spec, device, prepared, parallel = session.spec, session.device, session.prepared, session.parallel
     lr = learning_rate(step, spec.peak_lr, spec)
     for group in prepared.optimizer.param_groups:
         group["lr"] = lr
-    batches = [{k: v.to(device) for k, v in next(session.data.train).items()} for _ in range(session.setup.grad_accum)]
+    batches = [next(session.data.train) for _ in range(session.setup.grad_accum)]
+    if parallel is not None:  # the same global micro-batches on every rank: each trains its rows
+        batches = [parallel.local_batch(batch) for batch in batches]
+    batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
     begin_time = time.perf_counter()
     measured = None
     if measure:
@@ -398,9 +425,16 @@ def run_step(session: Session, step: int, measure: bool = False) -> StepResult:
             memory.watch(prepared.model, prepared.state_tensors())
             outcome = training_step(prepared, batches, session.setup)
         peak = memory.peak
+    ranks = peaks = None
+    if parallel is not None:  # the largest rank's memory is the job's
+        peaks = parallel.gather(peak)
+        peak = max(peaks)
+        if measured is not None:
+            ranks = parallel.gather(measured)
+            measured = max(ranks, key=lambda m: m["peak_bytes"])
     return StepResult(step + 1, outcome.loss, lr, outcome.grad_norm, time.perf_counter() - begin_time,
                       session.tokens_per_step * (step + 1), session.tokens_per_step, peak, measured,
-                      prepared.layer_info())
+                      prepared.layer_info(), measured_ranks=ranks, memory_peak_ranks=peaks)
 
 
 def run_steps(session: Session, first: int = 0) -> Iterator[StepResult]:
@@ -408,7 +442,8 @@ def run_steps(session: Session, first: int = 0) -> Iterator[StepResult]:
     `measure_step`, or the first one of a resumed run that started past it."""
     spec = session.spec
     for step in range(first, spec.steps):
-        if Stop.requested:
+        stop = Stop.requested if session.parallel is None else bool(session.parallel.max(int(Stop.requested)))
+        if stop:  # every rank stops at the same step (a signal may reach them a moment apart)
             return
         yield run_step(session, step, measure=step + 1 == spec.measure_step
                        or (step == first and step >= spec.measure_step))
@@ -453,6 +488,7 @@ class Outcome:
     last: StepResult | None = None
     eval_loss: float | None = None
     measured: dict | None = None
+    measured_ranks: list[dict] | None = None
     seconds: float = 0.0
     saved_at: float = field(default_factory=time.monotonic)
 
@@ -464,6 +500,7 @@ class Outcome:
         self.last, self.seconds = result, self.seconds + result.seconds
         self.eval_loss = result.eval_loss if result.eval_loss is not None else self.eval_loss
         self.measured = result.measured or self.measured
+        self.measured_ranks = result.measured_ranks or self.measured_ranks
         if not math.isfinite(result.loss):
             self.status, self.message = "failed", f"the loss became {result.loss} at step {result.step}; lower --lr"
 
@@ -480,6 +517,56 @@ class Outcome:
                         f"or use --grad-checkpointing")
 
 
+def checkpoint_due(session: Session, outcome: Outcome) -> bool:
+    """Is a resume checkpoint due (every `checkpoint_minutes` of training)? Ranks decide together:
+    saving is collective, and their clocks differ."""
+    minutes = session.spec.checkpoint_minutes
+    due_here = bool(minutes) and time.monotonic() - outcome.saved_at > 60 * minutes
+    return due_here if session.parallel is None else bool(session.parallel.max(int(due_here)))
+
+
+def record_failure(out: str | Path, message: str, rank: int = 0) -> None:
+    """A failed rank's message as the run's summary.json — the first failure of a job wins (the
+    other ranks fail next, only because it left). Metrics written so far stay."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    if job is not None:
+        try:
+            os.close(os.open(out / f".failed-{job}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    previous = {}
+    with contextlib.suppress(OSError, ValueError):
+        previous = json.loads((out / "summary.json").read_text())
+    previous = previous if isinstance(previous, dict) and previous.get("status") == "failed" and job is None else {}
+    where = f"rank {rank}: " if job is not None else ""
+    write_json(out / "summary.json", {**previous, "status": "failed", "message": f"{where}{message}"})
+
+
+class MetricsLog:
+    """metrics.jsonl, appended and flushed a line per step by rank 0 (the other ranks write nothing)."""
+
+    def __init__(self, session: Session) -> None:
+        self.path = session.out / "metrics.jsonl" if session.is_main else None
+        self.file = None
+
+    def __enter__(self) -> MetricsLog:
+        if self.path is not None:
+            self.file = self.path.open("a")
+        return self
+
+    def write(self, result: StepResult) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(result.line()) + "\n")
+            self.file.flush()
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
 def due(every: int, step: int, last: int | None = None) -> bool:
     """Is `step` (1-based) one of every `every` steps — or the last one?"""
     return step == last or bool(every) and step % every == 0
@@ -493,15 +580,14 @@ def train(spec: RunSpec, resume: bool = False, progress: bool = True) -> dict:
     session = start_session(spec)
     first = resume_run(session) if resume else begin_run(session)
     outcome = Outcome(first)
-    bar = tqdm(total=spec.steps, initial=first, disable=not progress, desc=spec.method.method, unit="step",
-               dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=spec.steps, initial=first, disable=not (progress and session.is_main), desc=spec.method.method,
+               unit="step", dynamic_ncols=True, file=sys.stderr)
     try:
-        with (session.out / "metrics.jsonl").open("a") as log:
+        with MetricsLog(session) as log:
             for result in run_steps(session, first):
                 if due(spec.eval_every, result.step, last=spec.steps):
                     result.eval_loss = evaluate(session)
-                log.write(json.dumps(result.line()) + "\n")
-                log.flush()
+                log.write(result)
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{result.tokens_per_s:.0f}")
                 outcome.add(result)
@@ -509,7 +595,7 @@ def train(spec: RunSpec, resume: bool = False, progress: bool = True) -> dict:
                     break
                 if due(spec.save_every, result.step):
                     save_snapshot(session, result.step)
-                if spec.checkpoint_minutes and time.monotonic() - outcome.saved_at > 60 * spec.checkpoint_minutes:
+                if checkpoint_due(session, outcome):
                     save(session, result.step)
                     outcome.saved_at = time.monotonic()
         outcome.ended(spec)
@@ -529,13 +615,15 @@ def finish(session: Session, outcome: Outcome, progress: bool = False) -> dict:
     final = None
     if outcome.status == "completed":
         final = save_model(session.prepared, session.out / "final", session.base_name, final=True)
-        session.data.tokenizer.save_pretrained(final)
+        if session.is_main:
+            session.data.tokenizer.save_pretrained(final)
     predicted = session.predicted.to_dict()
     measured = outcome.measured
     done = outcome.steps - outcome.first
     summary = {
         "status": outcome.status, "message": outcome.message, "model": session.spec.model,
-        "method": session.spec.method.method, "device": str(session.device),
+        "method": session.spec.method.method, "device": str(session.device), "gpus": session.setup.gpus,
+        "shard": session.setup.shard, "measured_ranks": outcome.measured_ranks,
         "device_capacity_bytes": device_capacity(session.device), "predicted": predicted, "measured": measured,
         "comparison": compare_memory(predicted, measured).to_dict() if measured else None,
         "final": {"steps": outcome.steps,
@@ -543,8 +631,15 @@ def finish(session: Session, outcome: Outcome, progress: bool = False) -> dict:
                   "tokens_per_s": session.tokens_per_step * done / outcome.seconds if outcome.seconds else None,
                   "train_seconds": outcome.seconds, "final_dir": str(final) if final else None},
     }
+    if not session.is_main:
+        return summary
     write_json(session.out / "summary.json", summary)
     if progress and measured:
-        print(f"\n{session.spec.method.method} on {session.spec.model}: predicted vs measured memory of one step\n"
-              + comparison_table(predicted, measured), file=sys.stderr)
+        per_gpu = f" per GPU ({session.setup.gpus} GPUs, --shard {session.setup.shard}; the largest rank)" \
+            if session.parallel is not None else ""
+        ranks = [f"rank {i}: {m['peak_bytes'] / 2**20:,.2f} MiB in {m['phase']}"
+                 for i, m in enumerate(outcome.measured_ranks or [])]
+        print(f"\n{session.spec.method.method} on {session.spec.model}: predicted vs measured memory of one step"
+              f"{per_gpu}\n" + comparison_table(predicted, measured) + "".join("\n" + r for r in ranks),
+              file=sys.stderr)
     return summary

@@ -41,25 +41,32 @@ def autocast(setup: TrainSetup, device_type: str):
 
 def training_step(prepared: Prepared, micro_batches: Sequence[dict], setup: TrainSetup,
                   tracker: MemoryTracker | None = None) -> StepOutcome:
-    """Forward and backward over every micro-batch, then one update."""
-    model, optimizer = prepared.model, prepared.optimizer
+    """Forward and backward over every micro-batch, then one update.
+
+    In a data-parallel job (`prepared.parallel`) the micro-batches are this rank's rows; the
+    gradients are reduced once, after the last one, and the loss reported is the mean over ranks.
+    """
+    model, optimizer, parallel = prepared.model, prepared.optimizer, prepared.parallel
     device = next(model.parameters()).device
     count = len(micro_batches)
     total = torch.zeros((), device=device)
-    for batch in micro_batches:
-        if tracker is not None:
-            tracker.phase("forward")
-        with autocast(setup, device.type):
-            loss = model(**batch, use_cache=False).loss / count
-        if tracker is not None:
-            tracker.phase("backward")
-        loss.backward()
+    for i, batch in enumerate(micro_batches):
+        local = parallel is not None and i < count - 1  # earlier micro-batches accumulate locally
+        with parallel.no_sync(prepared.forward) if local else contextlib.nullcontext():
+            if tracker is not None:
+                tracker.phase("forward")
+            with autocast(setup, device.type):
+                loss = prepared.forward(**batch, use_cache=False).loss / count
+            if tracker is not None:
+                tracker.phase("backward")
+            loss.backward()
         total += loss.detach()
         del loss
         if tracker is not None:  # gradients kept outside .grad (layer-wise sums across micro-batches)
             tracker.watch(prepared.gradient_tensors(), "gradients")
     if tracker is not None:
         tracker.phase("optimizer")
+        tracker.watch([p.grad for p in model.parameters() if p.grad is not None], "gradients")
     norm = None
     if prepared.grad_clip is not None:
         norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
@@ -67,7 +74,10 @@ def training_step(prepared: Prepared, micro_batches: Sequence[dict], setup: Trai
     optimizer.step()
     if prepared.lowrank is not None:
         norm = prepared.lowrank.grad_norm
-    optimizer.zero_grad(set_to_none=True)
+    # DDP's gradients are views of its buckets, which live on: keep them (zeroed), not None
+    optimizer.zero_grad(set_to_none=prepared.engine is None or prepared.engine is model)
+    if parallel is not None:
+        total = parallel.mean(total)
     return StepOutcome(float(total), norm)
 
 

@@ -17,7 +17,9 @@ before a failure stays on disk.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 import time
 import traceback
@@ -28,7 +30,7 @@ from estimator.arguments import OneLineParser, add_options, add_training_argumen
 from estimator.config import METHODS
 from estimator.options import METHOD_OPTIONS, SETUP_OPTIONS, as_flags
 
-from .recipe import RUN_OPTIONS, RunSpec, Stop, train, write_json
+from .recipe import RUN_OPTIONS, RunSpec, Stop, record_failure, train, write_json
 
 EXIT_FAILED, EXIT_OOM = 1, 3  # bad input exits 2 (argparse's status, OneLineParser.error)
 RESUMABLE = ("steps", "eval_every", "eval_batches", "save_every", "checkpoint_minutes", "device")
@@ -81,21 +83,30 @@ def resumed_spec(args: argparse.Namespace) -> RunSpec:
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise ValueError(f"--resume {out}: config.json does not describe a run ({type(err).__name__}: {err}); "
                          "give the folder of an earlier run") from None
-    fixed = [o.flag for o in (*METHOD_OPTIONS, *SETUP_OPTIONS) if getattr(args, o.dest) is not None]
+    fixed = [o.flag for o in (*METHOD_OPTIONS, *SETUP_OPTIONS) if getattr(args, o.dest) is not None
+             and o.field not in ("gpus", "shard")]  # the checkpoint is whole: any number of ranks resumes it
     fixed += [o.flag for o in RUN_OPTIONS if o.field not in RESUMABLE and getattr(args, o.dest) is not None]
     fixed += [flag for flag, value in (("--model", args.model), ("--out", args.out)) if value]
     if args.method and args.method != spec.method.method:
         fixed.append("--method")
     if fixed:
         raise ValueError(f"{', '.join(fixed)} cannot change when resuming {out}; a resumed run keeps its model, "
-                         f"method, setup and schedule (it may change {', '.join('--' + r.replace('_', '-') for r in RESUMABLE)})")
+                         f"method, setup and schedule (it may change {', '.join('--' + r.replace('_', '-') for r in RESUMABLE)}"
+                         ", and run on another number of GPUs or strategy)")
     changes = {k: v for k, v in run_values(args).items() if k in RESUMABLE}
+    if args.gpus is not None or args.shard is not None:
+        gpus = spec.setup.gpus if args.gpus is None else args.gpus
+        shard = args.shard or (spec.setup.shard if gpus > 1 else "none")  # one process shards nothing
+        changes["setup"] = dataclasses.replace(spec.setup, gpus=gpus, shard=shard)
     return RunSpec.from_dict(saved, out=str(out), **changes)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    if args.gpus is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        args.gpus = int(os.environ["WORLD_SIZE"])  # under torchrun: one GPU (rank) per process
     Stop.install()
     try:
         spec = spec_from_args(args)
@@ -107,10 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a crash: the message on one line, the traceback in the run folder
         out = Path(args.out or args.resume or ".")
         if out.is_dir():
-            (out / "error.txt").write_text(traceback.format_exc())
+            (out / ("error.txt" if rank == 0 else f"error-rank-{rank}.txt")).write_text(traceback.format_exc())
+            record_failure(out, f"{type(err).__name__}: {err}", rank)
         print(f"python -m lowrank.train: failed: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_FAILED
     if summary["status"] == "failed":
+        if rank != 0:  # rank 0 wrote its own summary; another rank's failure is its message
+            record_failure(spec.out, summary["message"], rank)
         print(f"python -m lowrank.train: {summary['message']}", file=sys.stderr)
         return EXIT_OOM if "out of memory" in summary["message"] else EXIT_FAILED
     return 0
@@ -135,14 +149,16 @@ def dry_run_cli(spec: RunSpec) -> int:
                            trust_remote_code=spec.trust_remote_code).to_dict()
     check = compare_memory(predicted.to_dict(), measured)
     print(predicted.describe())
-    print(f"one step on fake {device} tensors ({time.perf_counter() - start:.1f} s) beside the estimate:")
+    ranks = (f"rank 0 of {spec.setup.gpus} (fake process group, shard {spec.setup.shard})"
+             if spec.setup.gpus > 1 else "one step")
+    print(f"{ranks} on fake {device} tensors ({time.perf_counter() - start:.1f} s) beside the estimate:")
     print(comparison_table(predicted.to_dict(), measured))
     print(f"estimate error at the peak: {100 * check.peak_error:+.2f}% of the measured peak")
     if spec.out:
         out = Path(spec.out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "summary.json", {"status": "dry-run", "model": spec.model, "method": spec.method.method,
-                                          "device": device, "predicted": predicted.to_dict(), "measured": measured,
+                                          "device": device, "gpus": spec.setup.gpus, "shard": spec.setup.shard, "predicted": predicted.to_dict(), "measured": measured,
                                           "comparison": check.to_dict()})
     return 0
 

@@ -66,40 +66,47 @@ def gpu_line(fig: go.Figure, gpu, div: int, xs: list | None = None) -> None:
                         line=dict(color="#d62728", dash="dash"), hoverinfo="name")
 
 
-def breakdown_figure(estimates: dict[str, dict], gpu=None) -> go.Figure:
+def breakdown_figure(estimates: dict[str, dict], gpu=None, labels: dict[str, str] | None = None) -> go.Figure:
     """One stacked bar per method: the allocated peak by category, overhead on top, apart.
 
-    `estimates`: label -> Estimate.to_dict()."""
+    `estimates`: key -> Estimate.to_dict(). `labels`: key -> the name the axis and hovers show
+    (the bars stay keyed by `key`, e.g. "qgalore" shown as "Q-GaLore")."""
     if not estimates:
         return empty_figure("Peak memory by category", "no estimate")
     largest = max(e["peak_bytes"] + e["overhead_bytes"] for e in estimates.values())
     name, div = unit(max(largest, gpu.memory_bytes if gpu else 0))
-    labels = list(estimates)
+    keys = list(estimates)
+    shown = [(labels or {}).get(k, k) for k in keys]
     fig = go.Figure()
     for cat in CATEGORIES:
-        fig.add_bar(name=cat, x=labels, y=[estimates[m]["breakdown"][cat] / div for m in labels],
+        fig.add_bar(name=cat, x=keys, y=[estimates[m]["breakdown"][cat] / div for m in keys], customdata=shown,
                     marker_color=CATEGORY_COLORS[cat],
-                    hovertemplate=f"%{{x}} · {cat}: %{{y:,.3f}} {name}<extra></extra>")
+                    hovertemplate=f"%{{customdata}} · {cat}: %{{y:,.3f}} {name}<extra></extra>")
     if any(e["overhead_bytes"] for e in estimates.values()):
-        fig.add_bar(name="overhead (not allocated)", x=labels,
-                    y=[estimates[m]["overhead_bytes"] / div for m in labels],
+        fig.add_bar(name="overhead (not allocated)", x=keys, customdata=shown,
+                    y=[estimates[m]["overhead_bytes"] / div for m in keys],
                     marker_color=CATEGORY_COLORS["overhead"], marker_pattern_shape="/",
-                    hovertemplate=f"%{{x}} · CUDA context + allocator slack: %{{y:,.3f}} {name}<extra></extra>")
+                    hovertemplate=f"%{{customdata}} · CUDA context + allocator slack: %{{y:,.3f}} {name}<extra></extra>")
     gpu_line(fig, gpu, div)
     fig.update_layout(barmode="stack", yaxis_title=name)
+    fig.update_xaxes(type="category", tickmode="array", tickvals=keys, ticktext=shown)
     return _layout(fig, "Peak memory of one training step, by category")
 
 
-def sweep_figure(xs: list[int], series: dict[str, list[int | None]], axis: str, gpu=None) -> go.Figure:
-    """Memory needed (peak + overhead) against one setting, one line per method."""
+def sweep_figure(xs: list[int], series: dict[str, list[int | None]], axis: str, gpu=None,
+                 labels: dict[str, str] | None = None) -> go.Figure:
+    """Memory needed (peak + overhead) against one setting, one line per method.
+
+    `series`: key -> values; `labels`: key -> the legend's name (the color follows the key)."""
     values = [v for ys in series.values() for v in ys if v is not None]
     if not values:
         return empty_figure(f"Memory against {axis}", "nothing to sweep")
     name, div = unit(max(values + ([gpu.memory_bytes] if gpu else [])))
     fig = go.Figure()
-    for i, (label, ys) in enumerate(series.items()):
+    for i, (key, ys) in enumerate(series.items()):
+        label = (labels or {}).get(key, key)
         fig.add_scatter(x=xs, y=[None if y is None else y / div for y in ys], name=label, mode="lines+markers",
-                        line_color=color_for(label, i),
+                        line_color=color_for(key, i),
                         hovertemplate=f"{label} · {axis} %{{x}}: %{{y:,.2f}} {name}<extra></extra>")
     gpu_line(fig, gpu, div, xs)
     fig.update_xaxes(type="log", title=axis, tickvals=xs, ticktext=[str(x) for x in xs])
@@ -126,8 +133,12 @@ def loss_figure(runs: dict[str, list[dict]]) -> go.Figure:
     return _layout(fig, "Loss (dotted: eval loss)")
 
 
+RANK_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "cross", "x", "star", "pentagon")
+
+
 def memory_figure(runs: dict[str, list[dict]], predicted: dict[str, int | None]) -> go.Figure:
-    """Measured peak memory of each step, with each run's predicted peak as a dashed line."""
+    """Measured peak memory of each step, with each run's predicted peak (per GPU) as a dashed
+    line; a run on several ranks draws a line per rank."""
     values = [m["memory_peak_bytes"] for ms in runs.values() for m in ms if m.get("memory_peak_bytes")]
     if not values:
         return empty_figure("Memory per step", "start a run to see its memory")
@@ -135,8 +146,18 @@ def memory_figure(runs: dict[str, list[dict]], predicted: dict[str, int | None])
     fig = go.Figure()
     for i, (label, metrics) in enumerate(runs.items()):
         color = color_for(label, i)
-        fig.add_scatter(x=[m["step"] for m in metrics], y=[(m.get("memory_peak_bytes") or 0) / div for m in metrics],
-                        name=label, mode="lines+markers", line_color=color, marker_size=4, legendgroup=label)
+        ranks = max((len(m.get("memory_peak_ranks") or ()) for m in metrics), default=0)
+        if ranks > 1:  # a line per rank, each with its own marker
+            for rank in range(ranks):
+                points = [m for m in metrics if len(m.get("memory_peak_ranks") or ()) > rank]
+                fig.add_scatter(x=[m["step"] for m in points],
+                                y=[m["memory_peak_ranks"][rank] / div for m in points], name=f"{label} · rank {rank}",
+                                mode="lines+markers", line_color=color, marker_size=6, legendgroup=label,
+                                marker_symbol=RANK_SYMBOLS[rank % len(RANK_SYMBOLS)])
+        else:
+            fig.add_scatter(x=[m["step"] for m in metrics],
+                            y=[(m.get("memory_peak_bytes") or 0) / div for m in metrics],
+                            name=label, mode="lines+markers", line_color=color, marker_size=4, legendgroup=label)
         if predicted.get(label) and metrics:
             fig.add_scatter(x=[1, max(m["step"] for m in metrics)], y=[predicted[label] / div] * 2,
                             name=f"{label} predicted", mode="lines", line=dict(color=color, dash="dash"),

@@ -1,4 +1,5 @@
-"""The Dry run tab: "measure" a 7B or 70B training step on fake tensors, beside the estimate.
+"""The Dry run tab: "measure" a 7B or 70B training step on fake tensors, beside the estimate —
+on one GPU, or as rank 0 of an N-GPU job under any sharding.
 
 The step runs in a worker process (lowrank.worker, `python -m lowrank.train --dry-run`, see
 lowrank/dryrun.py): fake tensors allocate nothing but the memory tracker counts them as real
@@ -59,16 +60,22 @@ def dry_run_steps(model: str, cfg: MethodConfig, setup: TrainSetup, device: str,
     used, note = fake_device(device)
     predicted = estimate(model, cfg, setup, device=used).to_dict()  # checks model and options at once
     label = f"{model} · {cfg.method}"
+    ranks = ""
+    if setup.gpus > 1:
+        label += f" · {setup.gpus} GPUs, shard {setup.shard}"
+        ranks = (f" as rank 0 of {setup.gpus} (fake process group; per GPU: batch {setup.per_gpu_batch}"
+                 + (", and under ZeRO-1 each rank owns other states: the estimate is the largest rank's"
+                    if setup.shard == "optimizer" else "") + ")")
     yield (comparison_figure({label: (predicted, None)}), breakdown_table(predicted, None),
-           f"Estimated peak **{fmt_bytes(predicted['peak_bytes'])}** in {predicted['moment']}. Measuring one step on "
-           f"fake {used.upper()} tensors…" + (f"\n\n_{note}_" if note else ""))
+           f"Estimated peak **{fmt_bytes(predicted['peak_bytes'])}** per GPU in {predicted['moment']}. Measuring one "
+           f"step on fake {used.upper()} tensors{ranks}…" + (f"\n\n_{note}_" if note else ""))
     begin = time.perf_counter()
     out = root / ".dryrun" / f"{time.strftime('%Y%m%d-%H%M%S')}-{model.replace('/', '--')}-{cfg.method}"
     summary = measure(model, cfg, setup, used, out)
     measured = summary["measured"]
     error = (predicted["peak_bytes"] - measured["peak_bytes"]) / measured["peak_bytes"]
     status = (f"**{label}**: measured peak **{fmt_bytes(measured['peak_bytes'])}** in {measured['phase']} "
-              f"(fake {used.upper()} tensors, {time.perf_counter() - begin:.0f} s); estimate "
+              f"(fake {used.upper()} tensors{ranks}, {time.perf_counter() - begin:.0f} s); estimate "
               f"{fmt_bytes(predicted['peak_bytes'])} ({100 * error:+.2f}%).")
     yield (comparison_figure({label: (summary["predicted"], measured)}),
            breakdown_table(summary["predicted"], measured),

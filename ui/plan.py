@@ -9,22 +9,24 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from estimator.config import MethodConfig, TrainSetup, method_config
+from estimator.config import METHODS, MethodConfig, TrainSetup, check_json_numbers, method_config, shown
 from estimator.estimate import estimate_spec
-from estimator.gpus import find_gpu, fit_table, gpu_catalog, max_batch_size
-from estimator.spec import ModelSpec, load_spec, preset_table
+from estimator.gpus import find_gpu, fit_table, gpu_catalog, gpus_needed, max_batch_size, per_gpu_bytes
+from estimator.spec import MAX_CONFIG_BYTES, ModelSpec, load_spec, preset_table
 
-from .charts import GiB, breakdown_figure, fmt_bytes, sweep_figure
+from .charts import GiB, breakdown_figure, empty_figure, fmt_bytes, sweep_figure
 from .widgets import METHOD_LABELS, configs_and_setup, method_options_block, setup_widgets, show_selected
 
-MAX_CONFIG_BYTES = 1 << 20
 SOURCES = ("preset", "hub id or local path", "uploaded config.json")
-SWEEPS = ("batch size", "sequence length", "rank")
+SWEEPS = ("batch size", "sequence length", "rank", "GPUs")
 NO_GPU = "none"
+DEVICES = ("cuda", "cpu")
+SUMMARY_COLUMNS = ("method", "trainable", "peak", "phase", "with overhead", "fits", "smallest GPU")
 
 
 def resolve_model(source: str, preset: str, hub_id: str, upload: str | None) -> str:
@@ -42,15 +44,37 @@ def resolve_model(source: str, preset: str, hub_id: str, upload: str | None) -> 
         return str(path)
     if source == SOURCES[1]:
         if not (hub_id or "").strip():
-            raise ValueError("the hub id is empty; type one like Qwen/Qwen2.5-0.5B (or a local folder), "
-                             "then press Enter")
+            raise ValueError("the hub id or local path is empty; type a hub id like Qwen/Qwen2.5-0.5B, a model "
+                             "folder or a config.json path, then press Enter")
         return hub_id.strip()
     return preset
 
 
+def upload_name(upload: str) -> str:
+    """How the page names an uploaded config: by its original file name (Gradio keeps it as the
+    cached file's name), never by the server's temporary folder."""
+    return f"uploaded {Path(upload).name}"
+
+
+def hide_upload_path(message: str, upload: str) -> str:
+    """A message about an uploaded file with the server's temporary path (and folder) replaced by
+    the upload's own name."""
+    name = upload_name(upload)
+    path = Path(upload)
+    for text, by in ((f"config {str(path)!r}", f"the {name}"), (repr(str(path)), repr(name)), (str(path), name),
+                     (repr(path.parent.name), repr(name))):
+        message = message.replace(text, by)
+    return message
+
+
+def count_text(n: int) -> str:
+    """Parameters as the page writes them: "6.738 B" from a billion on, "58.0 M" below."""
+    return f"{n / 1e9:,.3f} B" if n >= 1e9 else f"{n / 1e6:,.1f} M"
+
+
 def describe_model(spec: ModelSpec) -> str:
     kv = f", {spec.num_kv_heads} KV heads" if spec.num_kv_heads != spec.num_heads else ""
-    return (f"**{spec.name}** ({spec.model_type}): {spec.params_total / 1e9:.3f} B parameters, "
+    return (f"**{spec.name}** ({spec.model_type}): {count_text(spec.params_total)} parameters, "
             f"{spec.num_layers} layers, hidden {spec.hidden_size}, {spec.num_heads} heads{kv}, "
             f"vocabulary {spec.vocab_size:,}")
 
@@ -61,14 +85,20 @@ def sweep_points(axis: str, spec: ModelSpec) -> list[int]:
     if axis == "sequence length":
         top = min(spec.max_position or 131072, 131072)
         return [2**i for i in range(6, 18) if 2**i <= top]
+    if axis == "GPUs":
+        return [2**i for i in range(11)]
     return [2**i for i in range(13) if 2**i <= spec.hidden_size]
 
 
 def with_value(axis: str, method: MethodConfig, setup: TrainSetup, x: int) -> tuple[MethodConfig, TrainSetup]:
+    """The point `x` of a sweep: batch sizes are per GPU, and more GPUs keep each GPU's batch."""
     if axis == "batch size":
-        return method, replace(setup, batch_size=x)
+        return method, replace(setup, batch_size=x * setup.gpus)
     if axis == "sequence length":
         return method, replace(setup, seq_len=x)
+    if axis == "GPUs":  # one GPU shards nothing
+        return method, replace(setup, gpus=x, batch_size=setup.per_gpu_batch * x,
+                               shard=setup.shard if x > 1 else "none")
     if hasattr(method, "rank"):
         return replace(method, rank=x), setup
     return method, setup  # full training has no rank: a flat line
@@ -98,30 +128,39 @@ def summary_table(estimates: dict) -> pd.DataFrame:
     for label, est in estimates.items():
         fits = [r for r in fit_table(est) if r["fits"]]
         smallest = min(fits, key=lambda r: r["memory_gib"])["gpu"] if fits else "none"
-        rows.append({"method": label, "trainable": fmt_count(est.params_trainable),
-                     "peak allocated": fmt_bytes(est.peak_bytes), "phase": est.phase,
-                     "with overhead": fmt_bytes(est.total_bytes), "fits": f"{len(fits)} of {len(gpu_catalog())} GPUs",
-                     "smallest GPU": smallest})
-    return pd.DataFrame(rows)
+        rows.append(dict(zip(SUMMARY_COLUMNS, (
+            METHOD_LABELS.get(label, label), fmt_count(est.params_trainable), fmt_bytes(est.peak_bytes), est.phase,
+            fmt_bytes(est.total_bytes), f"{len(fits)} of {len(gpu_catalog())} GPUs", smallest))))
+    return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 
 
 def gpu_table(spec: ModelSpec, configs: list[MethodConfig], setup: TrainSetup) -> pd.DataFrame:
-    """Each GPU: does the step fit (✓/✗) and the largest batch that fits at this sequence length."""
+    """Each GPU: does the step fit (✓/✗), the largest batch per GPU that fits at this sequence
+    length and GPU count, and, when sharded, how many of that GPU each method needs."""
     rows = []
+    needs = {cfg.method: per_gpu_bytes(spec, cfg, setup) for cfg in configs}
     for gpu in sorted(gpu_catalog(), key=lambda g: g.memory_mib):
         row = {"GPU": gpu.name, "memory": f"{gpu.memory_bytes / GiB:.0f} GiB"}
         for cfg in configs:
             largest = max_batch_size(spec, cfg, setup, gpu, upper=4096)
-            mark = "✓" if largest is not None and largest >= setup.batch_size else "✗"
-            row[cfg.method] = f"{mark} ≤ {largest}" if largest else "✗"
+            mark = "✓" if largest is not None and largest >= setup.per_gpu_batch else "✗"
+            cell = f"{mark} ≤ {largest}" if largest else "✗"
+            if setup.shard != "none":
+                needed = gpus_needed(spec, cfg, setup, gpu, need=needs[cfg.method])
+                cell += f" · needs {needed}" if needed else " · no count"
+            row[METHOD_LABELS[cfg.method]] = cell
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def plan_memory(model: str, configs: list[MethodConfig], setup: TrainSetup, axis: str = "batch size",
-                gpu_name: str | None = None) -> dict:
-    """Everything the Plan tab shows. ValueError if the model cannot be loaded or no method can be estimated."""
+                gpu_name: str | None = None, name: str | None = None) -> dict:
+    """Everything the Plan tab shows. ValueError if the model cannot be loaded or no method can be estimated.
+
+    `name`: what the page calls the model (an upload's own name), if not the one it was loaded by."""
     spec = load_spec(model)
+    if name:
+        spec = replace(spec, name=name)
     gpu = find_gpu(gpu_name) if gpu_name and gpu_name != NO_GPU else None
     estimates, errors = {}, {}
     for cfg in configs:
@@ -131,54 +170,109 @@ def plan_memory(model: str, configs: list[MethodConfig], setup: TrainSetup, axis
             errors[cfg.method] = str(err)
     if not estimates:
         raise ValueError("; ".join(f"{METHOD_LABELS[m]}: {e}" for m, e in errors.items()))
+    for m, est in estimates.items():  # a number no chart or table could show: refuse it with the fix
+        check_json_numbers({"total_bytes": est.total_bytes, **est.to_dict()}, f"the {METHOD_LABELS[m]} estimate")
     ok = [cfg for cfg in configs if cfg.method in estimates]
     xs, series = sweep(spec, ok, setup, axis)
     notes = [describe_model(spec)]
     notes += [f"- {METHOD_LABELS[m]}: {n}" for m, est in estimates.items() for n in est.notes]
     notes += [f"- **{METHOD_LABELS[m]} not estimated**: {e}" for m, e in errors.items()]
-    return {"breakdown": breakdown_figure({m: e.to_dict() for m, e in estimates.items()}, gpu),
+    return {"breakdown": breakdown_figure({m: e.to_dict() for m, e in estimates.items()}, gpu, METHOD_LABELS),
             "summary": summary_table(estimates), "gpus": gpu_table(spec, ok, setup),
-            "sweep": sweep_figure(xs, series, axis, gpu), "notes": "\n".join(notes), "errors": errors}
+            "sweep": sweep_figure(xs, series, axis, gpu, METHOD_LABELS), "notes": "\n".join(notes), "errors": errors}
+
+
+def cleared_plan(axis: str, notes: str, why: str) -> tuple:
+    """The page's outputs with no estimate: empty charts saying `why`, empty tables, `notes` — so
+    nothing of a previous model stays on screen unlabeled."""
+    return (empty_figure("Peak memory of one training step, by category", why),
+            pd.DataFrame(columns=list(SUMMARY_COLUMNS)), pd.DataFrame(columns=["GPU", "memory"]),
+            empty_figure(f"Memory against {axis}", why), notes)
 
 
 def update_plan(source: str, preset: str, hub_id: str, upload: str | None, methods: list[str], sweep_axis: str,
                 gpu: str, **values) -> tuple:
-    """Gradio handler: widget values -> configs -> plan_memory; problems become messages in the page."""
+    """Gradio handler: widget values -> configs -> plan_memory; problems become messages in the page.
+
+    On a problem the charts and tables are cleared and the notes hold the message: the page never
+    shows one model's numbers under another's name, or without a name."""
     waiting = {SOURCES[1]: not (hub_id or "").strip(), SOURCES[2]: not upload}
     if waiting.get(source):  # just switched to a source with nothing in it yet
-        hint = "Type a hub id or a local folder, then press Enter." if source == SOURCES[1] else "Upload a config.json."
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), hint
+        hint = "Type a hub id or a local path, then press Enter." if source == SOURCES[1] else "Upload a config.json."
+        return cleared_plan(sweep_axis, hint, hint)
+    uploaded = source == SOURCES[2]
     try:
         configs, setup = configs_and_setup(methods, values)
         model = resolve_model(source, preset, hub_id, upload)
-        result = plan_memory(model, configs, setup, sweep_axis, gpu)
+        result = plan_memory(model, configs, setup, sweep_axis, gpu, name=upload_name(upload) if uploaded else None)
     except ValueError as err:
-        raise gr.Error(str(err), title="Cannot estimate") from None
+        message = " ".join(str(err).split())
+        if uploaded:
+            message = hide_upload_path(message, upload)
+        gr.Warning(message, title="Cannot estimate")
+        return cleared_plan(sweep_axis, f"**Cannot estimate**: {message}", "no estimate: see the message above")
     for method, message in result["errors"].items():
         gr.Warning(f"{METHOD_LABELS[method]}: {message}", title="Not estimated")
     return result["breakdown"], result["summary"], result["gpus"], result["sweep"], result["notes"]
 
 
+def api_problems(model: Any, method: Any, options: Any, device: Any) -> list[str]:
+    """What is wrong with the API's top-level arguments, before any of them is used."""
+    problems = []
+    if not isinstance(model, str):
+        problems.append(f"model={shown(model)} must be a string: a preset (e.g. llama-7b), a hub id or a "
+                        f"config.json path")
+    if not isinstance(method, str) or method not in METHODS:
+        problems.append(f"method={shown(method)} must be one of {', '.join(METHODS)}")
+    if options is not None and not isinstance(options, dict):
+        problems.append(f"options={shown(options)} must be an object of option names and values, "
+                        f'e.g. {{"rank": 64}}, or null')
+    elif options:
+        keys = [k for k in options if not isinstance(k, str)]
+        if keys:
+            problems.append(f"options has key {shown(keys[0])}; option names are strings such as \"rank\"")
+        if "method" in options:
+            problems.append(f"options must not hold method (got {shown(options['method'])}); the method is its "
+                            f"own argument: method=...")
+    if not isinstance(device, str) or device not in DEVICES:
+        problems.append(f"device={shown(device)} must be cuda or cpu")
+    return problems
+
+
 def estimate_memory(model: str = "llama-7b", method: str = "lora", options: dict | None = None,
                     batch_size: int = 1, seq_len: int = 256, grad_accum: int = 1, dtype: str = "bf16",
                     autocast: bool = False, grad_checkpointing: bool = False, attn_implementation: str = "sdpa",
-                    device: str = "cuda") -> dict:
+                    device: str = "cuda", gpus: int = 1, shard: str = "none") -> dict:
     """Predict the memory of one training step: the estimate's JSON object (`Estimate.to_dict`) plus `total_bytes` and `gpus`.
 
     model: a preset (llama-7b, ...), a hub id or a config.json path. method: full, lora, qlora,
     galore or qgalore. options: that method's dataclass fields, e.g. {"rank": 64, "targets": "all-linear"}.
+    gpus, shard: data parallelism (shard: none, optimizer, gradients or full); the estimate is per GPU.
+    Every argument is checked (types included) and a problem is one message naming the argument and
+    the fix; the result holds only integers within 64 bits, finite numbers and strings.
     """
     try:
+        problems = api_problems(model, method, options, device)
+        if problems:
+            raise ValueError("; ".join(problems))
         cfg = method_config(method, **(options or {}))
         setup = TrainSetup(batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, dtype=dtype,
                            autocast=autocast, grad_checkpointing=grad_checkpointing,
-                           attn_implementation=attn_implementation)
-        if device not in ("cuda", "cpu"):
-            raise ValueError(f"device={device!r} must be cuda or cpu")
+                           attn_implementation=attn_implementation, gpus=gpus, shard=shard)
         est = estimate_spec(load_spec(model), cfg, setup, device=device)
-    except (ValueError, TypeError) as err:
-        raise gr.Error(str(err), title="Cannot estimate") from None
-    return {**est.to_dict(), "total_bytes": est.total_bytes, "gpus": fit_table(est) if device == "cuda" else []}
+        result = {**est.to_dict(), "total_bytes": est.total_bytes,
+                  "gpus": fit_table(est) if device == "cuda" else []}
+        check_json_numbers(result)
+    except ValueError as err:
+        raise gr.Error(" ".join(str(err).split()), title="Cannot estimate") from None
+    return result
+
+
+def warm_up(model: str = "llama-7b") -> None:
+    """Load what the first estimates need — transformers' model classes, the default preset built on
+    the meta device — by estimating it once per method (the app does it while it starts)."""
+    for method in METHODS:
+        estimate_memory(model, method)
 
 
 def create_plan_tab(demo: gr.Blocks) -> None:
@@ -189,8 +283,9 @@ def create_plan_tab(demo: gr.Blocks) -> None:
         with gr.Column(scale=2, min_width=320):
             source = gr.Radio(list(SOURCES), value=SOURCES[0], label="model from")
             preset = gr.Dropdown(presets, value="llama-7b", label="preset")
-            hub_id = gr.Textbox(label="hub id or local folder", placeholder="Qwen/Qwen2.5-0.5B", visible=False,
-                                info="press Enter to estimate; offline, only cached hub configs load")
+            hub_id = gr.Textbox(label=SOURCES[1], placeholder="Qwen/Qwen2.5-0.5B or /path/to/model", visible=False,
+                                info="a hub id, a model folder or a config.json path; press Enter to estimate "
+                                     "(offline, only cached hub configs load)")
             upload = gr.File(label="config.json (JSON, at most 1 MB)", file_types=[".json"], visible=False)
             methods = gr.CheckboxGroup([(METHOD_LABELS[m], m) for m in METHOD_LABELS], value=list(METHOD_LABELS),
                                        label="methods to compare")
@@ -200,13 +295,14 @@ def create_plan_tab(demo: gr.Blocks) -> None:
             notes = gr.Markdown(elem_id="plan-notes")
             breakdown = gr.Plot(show_label=False, label="peak by category", elem_id="plan-breakdown")
             gpu = gr.Dropdown(gpus, value="RTX 4090", label="draw a GPU's memory on the charts")
-            summary = gr.DataFrame(label="peak per method", elem_id="plan-summary", wrap=True)
+            summary = gr.DataFrame(label="peak per method", elem_id="plan-summary", wrap=False)
             with gr.Row():
                 sweep_axis = gr.Radio(list(SWEEPS), value=SWEEPS[0], label="sweep memory against")
             sweep_plot = gr.Plot(show_label=False, label="sweep", elem_id="plan-sweep")
-            gpus_table = gr.DataFrame(label="largest batch that fits each GPU at this sequence length "
-                                            "(✓: the chosen batch fits; ✗ alone: not even batch 1)",
-                                      elem_id="plan-gpus", wrap=True)
+            gpus_table = gr.DataFrame(label="largest batch per GPU that fits each GPU at this sequence length "
+                                            "(✓: the chosen batch fits; ✗ alone: not even batch 1; sharded: "
+                                            "how many of that GPU the method needs at this batch per GPU)",
+                                      elem_id="plan-gpus", wrap=False)
 
     def show_source(choice: str):
         return gr.Dropdown(visible=choice == SOURCES[0]), gr.Textbox(visible=choice == SOURCES[1]), \

@@ -2,21 +2,48 @@
 
 A `Board` holds one `RunView` per run: its metrics so far, the predicted estimate, and the
 summary once it ends. `render` turns a board into the Train tab's outputs, so a live run and a
-past run reloaded from its folder look the same.
+past run reloaded from its folder look the same. Whatever a run folder holds, nothing here raises:
+lowrank.worker reads folders back well typed (a run it cannot read has status "unreadable: …"),
+live events go through the same checks, and a missing value shows as "—".
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from lowrank.worker import list_runs, read_run
+from lowrank.worker import (
+    LIVE_KEYS,
+    METRIC_KEYS,
+    clean_metrics_line,
+    clean_summary,
+    list_runs,
+    load_json,
+    read_run,
+)
 
-from .charts import comparison_figure, fmt_bytes, layers_figure, loss_figure, memory_figure
+from .charts import (
+    METHOD_COLORS,
+    OTHER_COLORS,
+    comparison_figure,
+    fmt_bytes,
+    layers_figure,
+    loss_figure,
+    memory_figure,
+)
+from .widgets import METHOD_LABELS
+
+
+def method_label(method: str | None) -> str:
+    """The page's name of a method ("qgalore" -> "Q-GaLore"); an unknown one as it is, "?" for none."""
+    return METHOD_LABELS.get(method, method) if method else "?"
 
 
 @dataclass
@@ -48,116 +75,231 @@ class Board:
         return view
 
     def apply(self, view: RunView, event: dict) -> None:
-        """Fold one worker event (lowrank.worker.Run.events) into `view`."""
-        kind = event["type"]
+        """Fold one worker event (lowrank.worker.Run.events) into `view` (lines and summaries checked
+        as a folder read back is: lowrank.worker.clean_metrics_line, clean_summary)."""
+        kind = event.get("type")
         if kind == "started":
             view.status = "running"
         elif kind == "step":
-            view.metrics.append({k: v for k, v in event.items() if k != "type"})
+            line = clean_metrics_line({k: v for k, v in event.items() if k not in LIVE_KEYS})
+            if line is not None:
+                view.metrics.append(line)
         elif kind in ("summary", "stopped"):
-            view.summary = event["summary"]
-            view.predicted = view.summary.get("predicted") or view.predicted
+            summary, problem = clean_summary(event.get("summary"))
+            view.summary = summary
+            view.predicted = (summary or {}).get("predicted") or view.predicted
             view.status = "completed" if kind == "summary" else "stopped"
-            view.message = view.summary.get("message", "")
+            view.message = (summary or {}).get("message") or problem or ""
         elif kind == "error":
-            view.summary = event.get("summary")
+            view.summary = clean_summary(event.get("summary"))[0]
             view.status = "failed"
-            view.message = event["message"]
+            message = event.get("message")
+            view.message = message if isinstance(message, str) and message else "the run failed (no message)"
 
 
 def view_from_folder(out: str | Path) -> RunView:
-    """A past run, read back from its folder."""
+    """A past run, read back from its folder (never raises: what cannot be read shows as its reason)."""
     run = read_run(out)
     config, summary = run["config"] or {}, run["summary"]
     method = (config.get("method") or {}).get("method") or "?"
-    status = summary["status"] if summary else "interrupted"
-    return RunView(label=f"{method} · {run['name']}", method=method, out=str(out),
+    if run["problem"]:
+        status = f"unreadable: {run['problem']}"
+    else:
+        status = (summary or {}).get("status") or "interrupted"
+    message = "; ".join(m for m in ((summary or {}).get("message"), run["problem"], run["note"]) if m)
+    return RunView(label=f"{method_label(method)} · {run['name']}", method=method, out=str(out),
                    steps=(config.get("run") or {}).get("steps"), metrics=run["metrics"],
-                   predicted=(summary or {}).get("predicted"), summary=summary, status=status,
-                   message=(summary or {}).get("message", ""))
+                   predicted=(summary or {}).get("predicted"), summary=summary, status=status, message=message)
 
 
-def past_runs(root: str | Path) -> list[tuple[str, str]]:
-    """(label, folder) of every run under `root`, newest first, for a dropdown (model folders left out)."""
+def past_runs(root: str | Path, rows: list[dict] | None = None) -> list[tuple[str, str]]:
+    """(label, folder) of every run under `root` (or of `rows`: lowrank.worker.list_runs), newest first,
+    for a dropdown: unreadable ones too (shown with the reason, so they can be deleted); model folders
+    left out."""
     choices = []
-    for row in list_runs(root):
-        if not (Path(row["out"]) / "metrics.jsonl").exists():
-            continue
-        loss = f" · loss {row['loss']:.3f}" if isinstance(row["loss"], (int, float)) else ""
-        choices.append((f"{row['name']} · {row['status']}{loss}", row["out"]))
+    for row in list_runs(root) if rows is None else rows:
+        loss = f" · loss {row['loss']:.3f}" if _is_number(row["loss"]) else ""
+        method = f"{method_label(row['method'])} · " if row["method"] else ""
+        choices.append((f"{method}{row['name']} · {row['status']}{loss}", row["out"]))
     return choices
+
+
+def _first(*values):
+    """The first value that is not None."""
+    return next((v for v in values if v is not None), None)
 
 
 def results_table(board: Board) -> pd.DataFrame:
     """Method, predicted peak, measured peak, error, final loss, eval loss, tokens/s, per run."""
     rows = []
     for v in board.runs:
-        s = v.summary or {}
-        final, comparison = s.get("final") or {}, s.get("comparison") or {}
-        predicted = (v.predicted or {}).get("peak_bytes")
-        measured = (v.measured or {}).get("peak_bytes")
-        error = comparison.get("peak_error")
+        s = v.summary if isinstance(v.summary, dict) else {}
+        final = s.get("final") if isinstance(s.get("final"), dict) else {}
+        comparison = s.get("comparison") if isinstance(s.get("comparison"), dict) else {}
         last = v.metrics[-1] if v.metrics else {}
+        error = comparison.get("peak_error")
+        steps = _first(final.get("steps"), last.get("step"))
         rows.append({
-            "run": v.label, "status": v.status, "predicted peak": fmt_bytes(predicted),
-            "measured peak": fmt_bytes(measured), "error": "—" if error is None else f"{100 * error:+.2f}%",
-            "final loss": _num(final.get("loss", last.get("loss"))),
-            "eval loss": _num(final.get("eval_loss", _last_eval(v.metrics))),
-            "tokens/s": _num(final.get("tokens_per_s", last.get("tokens_per_s")), 0),
-            "steps": final.get("steps", last.get("step")),
+            "run": v.label, "status": v.status, "predicted peak": _bytes((v.predicted or {}).get("peak_bytes")),
+            "measured peak": _bytes((v.measured or {}).get("peak_bytes")),
+            "error": _num(error, 2, scale=100, sign="+", suffix="%"),
+            "final loss": _num(_first(final.get("loss"), last.get("loss"))),
+            "eval loss": _num(_first(final.get("eval_loss"), _last_eval(v.metrics))),
+            "tokens/s": _num(_first(final.get("tokens_per_s"), last.get("tokens_per_s")), 0),
+            "steps": steps if isinstance(steps, int) and not isinstance(steps, bool) else "—",
         })
     columns = ["run", "status", "predicted peak", "measured peak", "error", "final loss", "eval loss", "tokens/s",
                "steps"]
     return pd.DataFrame(rows, columns=columns)
 
 
-def _num(value, digits: int = 4) -> str:
-    return "—" if value is None else f"{value:,.{digits}f}"
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _num(value, digits: int = 4, scale: float = 1, sign: str = "", suffix: str = "") -> str:
+    """A number as text, "—" for anything that is not a number."""
+    if not _is_number(value):
+        return "—"
+    try:
+        return f"{value * scale:{sign},.{digits}f}{suffix}"
+    except (OverflowError, ValueError):
+        return "—"
+
+
+def _bytes(value) -> str:
+    if not _is_number(value):
+        return "—"
+    try:
+        return fmt_bytes(value)
+    except (OverflowError, ValueError):
+        return "—"
 
 
 def _last_eval(metrics: list[dict]) -> float | None:
-    evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None]
+    evals = [m["eval_loss"] for m in metrics if _is_number(m.get("eval_loss"))]
     return evals[-1] if evals else None
 
 
 def progress_html(board: Board) -> str:
+    import html
+
+    text = html.escape(board.progress_text)
     if board.progress is None:
-        return f"<div class='run-progress'><span>{board.progress_text}</span></div>"
-    percent = 100 * board.progress
+        return f"<div class='run-progress'><span>{text}</span></div>"
+    percent = 100 * min(max(board.progress, 0.0), 1.0)
     return (f"<div class='run-progress'><progress value='{percent:.1f}' max='100' style='width:100%;height:14px'>"
-            f"</progress><span>{board.progress_text}</span></div>")
+            f"</progress><span>{text}</span></div>")
+
+
+def run_colors(board: Board) -> dict[str, str]:
+    """A color per run label: each method's own color (ui/charts.py METHOD_COLORS, as in the Plan tab)
+    for its first run, other colors for more runs of the same method."""
+    colors, used, others = {}, set(), iter(OTHER_COLORS * (1 + len(board.runs) // len(OTHER_COLORS)))
+    for view in board.runs:
+        color = METHOD_COLORS.get(view.method)
+        colors[view.label] = color if color and color not in used else next(others)
+        used.add(colors[view.label])
+    return colors
+
+
+def _recolor(fig, colors: dict[str, str]):
+    """Give each trace of a run its run's color (a trace belongs to the run its legend group or name is)."""
+    for trace in fig.data:
+        color = colors.get(trace.legendgroup or trace.name)
+        if color is None:
+            continue
+        if trace.type == "bar":
+            trace.marker.color = color
+        else:
+            trace.line.color = color
+    return fig
 
 
 def figures(board: Board) -> tuple:
+    """Loss, memory per step, layer gaps, predicted vs measured: one color per run in every chart."""
     runs = {v.label: v.metrics for v in board.runs if v.metrics or v.status == "running"}
-    predicted = {v.label: (v.predicted or {}).get("peak_bytes") for v in board.runs}
+    predicted = {v.label: _peak(v.predicted) for v in board.runs}
     layers = {v.label: v.metrics[-1]["layers"] for v in board.runs if v.metrics and v.metrics[-1].get("layers")}
-    pairs = {v.label: (v.predicted, v.measured) for v in board.runs if v.measured}
-    return loss_figure(runs), memory_figure(runs, predicted), layers_figure(layers), comparison_figure(pairs)
+    pairs = {v.label: (v.predicted, v.measured) for v in board.runs if v.measured and _peak(v.predicted)}
+    colors = run_colors(board)
+    return (_recolor(loss_figure(runs), colors), _recolor(memory_figure(runs, predicted), colors),
+            _recolor(layers_figure(layers), colors), comparison_figure(pairs))
+
+
+def _peak(memory: dict | None) -> int | float | None:
+    peak = (memory or {}).get("peak_bytes") if isinstance(memory, dict) else None
+    return peak if _is_number(peak) else None
+
+
+def metrics_frame(metrics: list[dict]) -> pd.DataFrame:
+    """The metrics lines as a table: METRIC_KEYS in order, then other keys as they first appear
+    (layer gaps left out) — the same columns for a live run and for the run read back."""
+    extra = []
+    for line in metrics:
+        extra += [k for k in _flat(line) if k not in METRIC_KEYS and k not in LIVE_KEYS and k not in extra]
+    columns = [*METRIC_KEYS, *extra]
+    return pd.DataFrame([{k: _flat(line).get(k) for k in columns} for line in metrics], columns=columns)
+
+
+def _flat(line: dict) -> dict:
+    """A metrics line's scalars, each rank's peak as its own column (layer gaps left out)."""
+    out = {k: v for k, v in line.items() if k not in ("layers", "memory_peak_ranks")}
+    for rank, peak in enumerate(line.get("memory_peak_ranks") or []):
+        out[f"memory_peak_bytes_rank_{rank}"] = peak
+    return out
+
+
+def _writable_folder(out: Path) -> bool:
+    """A real folder (not a link) that exports can be written into."""
+    try:
+        return stat.S_ISDIR(out.lstat().st_mode) and os.access(out, os.W_OK | os.X_OK)
+    except OSError:
+        return False
 
 
 def export_run(view: RunView) -> list[str]:
-    """Downloads of one run: metrics CSV, summary JSON, and the adapter (LoRA/QLoRA) as a zip."""
+    """Downloads of one run: metrics CSV, summary JSON, and the adapter (LoRA/QLoRA) as a zip.
+
+    What cannot be written or read is left out (never raises)."""
     out = Path(view.out)
+    if not _writable_folder(out):
+        return []
     exports = out / "exports"
     files = []
+    with contextlib.suppress(OSError):
+        exports.mkdir(exist_ok=True)
+    if not _writable_folder(exports):
+        return []
     if view.metrics:
-        exports.mkdir(exist_ok=True)
         csv = exports / f"{out.name}-metrics.csv"
-        pd.DataFrame([{k: v for k, v in m.items() if k != "layers"} for m in view.metrics]).to_csv(csv, index=False)
-        files.append(str(csv))
-    if (out / "summary.json").exists():
-        exports.mkdir(exist_ok=True)
-        summary = exports / f"{out.name}-summary.json"
-        summary.write_text(json.dumps(json.loads((out / "summary.json").read_text()), indent=1))
-        files.append(str(summary))
+        with contextlib.suppress(OSError):
+            metrics_frame(view.metrics).to_csv(csv, index=False)
+            files.append(str(csv))
+    summary, _ = load_json(out / "summary.json")
+    if summary is not None:
+        path = exports / f"{out.name}-summary.json"
+        with contextlib.suppress(OSError, ValueError):
+            path.write_text(json.dumps(summary, indent=1, default=str))
+            files.append(str(path))
     final = out / "final"
-    if (final / "adapter_config.json").exists():
+    if _adapter_folder(final):
         archive = exports / f"{out.name}-adapter"
-        if not Path(f"{archive}.zip").exists():
-            shutil.make_archive(str(archive), "zip", final)
-        files.append(f"{archive}.zip")
+        with contextlib.suppress(OSError):
+            if not Path(f"{archive}.zip").exists():
+                shutil.make_archive(str(archive), "zip", final)
+            files.append(f"{archive}.zip")
     return files
+
+
+def _adapter_folder(final: Path) -> bool:
+    """final/ holds a PEFT adapter and nothing that links out of it (a zip would follow the link)."""
+    try:
+        if not stat.S_ISDIR(final.lstat().st_mode) or not (final / "adapter_config.json").is_file():
+            return False
+        return not any(p.is_symlink() for p in final.rglob("*"))
+    except OSError:
+        return False
 
 
 def downloads(board: Board) -> list[str]:
@@ -169,3 +311,43 @@ def render(board: Board, with_downloads: bool = False) -> tuple:
     loss, memory, layers, comparison = figures(board)
     files = downloads(board) if with_downloads else None
     return (board.status, progress_html(board), loss, memory, layers, comparison, results_table(board), files)
+
+
+# ------------------------------------------------------------------------------------ deleting runs
+def delete_runs(root: str | Path, folders: list[str], in_use: set[Path] = frozenset()) -> tuple[list[str], list[str]]:
+    """Delete the run folders `folders` (entries directly under `root`), except those in `in_use`
+    (resolved paths: runs of this app in progress). Returns (names deleted, "name: why not" refused).
+
+    Only an entry directly under the root is deleted, by its name under the resolved root: a path
+    elsewhere, a hidden entry (.data: the runs' data) or the root itself is refused; a symbolic
+    link is removed, never followed."""
+    base = Path(root).resolve()
+    deleted, refused = [], []
+    for folder in folders or []:
+        given = Path(str(folder))
+        name = given.name
+        try:
+            parent = given.parent.resolve()
+        except (OSError, RuntimeError):
+            parent = None
+        if parent != base or name in ("", ".", "..") or name.startswith("."):
+            refused.append(f"{folder}: not a run folder directly under {base}")
+            continue
+        target = base / name
+        if target in in_use or any(target == p or target in p.parents for p in in_use):
+            refused.append(f"{name}: a run of this app is using it; stop it first")
+            continue
+        try:
+            if stat.S_ISDIR(target.lstat().st_mode):
+                shutil.rmtree(target)  # removes links inside, never follows them
+            else:
+                target.unlink()  # a file, or a link (the link only)
+        except FileNotFoundError:
+            refused.append(f"{name}: already gone")
+            continue
+        except OSError as err:
+            left = " (partly deleted)" if os.path.lexists(target) else ""
+            refused.append(f"{name}: {(err.strerror or type(err).__name__).lower()}{left}")
+            continue
+        deleted.append(name)
+    return deleted, refused

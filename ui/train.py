@@ -15,12 +15,14 @@ from pathlib import Path
 import gradio as gr
 
 from lowrank.device import DEVICES
+from lowrank.worker import list_runs
 
-from .runner import DATA_SOURCES, Runner, cuda_available, data_path, finetune_demo, train_methods
-from .runs import Board, past_runs, render, view_from_folder
+from .runner import DATA_SOURCES, Runner, cuda_available, data_path, finetune_demo, local_ranks, train_methods
+from .runs import Board, delete_runs, past_runs, render, view_from_folder
 from .widgets import METHOD_LABELS, configs_and_setup, method_options_block, setup_widgets, show_selected
 
 TINY = ("tiny-llama-5m", "tiny-llama-20m")
+MAX_STEPS = 1_000_000  # the step fields' bound (number inputs: a slider this long cannot be aimed)
 RENDER_EVERY = 0.5  # seconds between live updates of the page
 # Defaults of the Train tab's method options: small enough to show something in 100 CPU steps.
 TRAIN_DEFAULTS = {"galore": {"update_proj_gap": 25}, "qgalore": {"update_proj_gap": 25}}
@@ -99,17 +101,46 @@ class TrainHandlers:
         else:
             gr.Info("No run of this page is in progress.")
 
-    def refresh(self):
-        """The past runs, and model folders that later runs can start from."""
-        choices = past_runs(self.runner.root)
-        finals = [str(Path(out) / "final") for _, out in choices if (Path(out) / "final" / "config.json").exists()]
-        return gr.Dropdown(choices=choices), gr.Dropdown(choices=[*TINY, *finals])
+    def refresh(self, selected: list[str] | None = None):
+        """The past runs (the selection kept where its runs still exist), and model folders that
+        later runs can start from."""
+        rows = list_runs(self.runner.root)
+        choices = past_runs(self.runner.root, rows)
+        folders = {out for _, out in choices}
+        finals = [str(Path(row["out"]) / "final") for row in rows
+                  if row["status"] == "completed" and _is_model_folder(Path(row["out"]) / "final")]
+        return (gr.Dropdown(choices=choices, value=[f for f in selected or [] if f in folders], multiselect=True),
+                gr.Dropdown(choices=[*TINY, *finals]))
 
     def show(self, folders: list[str]):
         if not folders:
             raise gr.Error("pick one or more past runs first", title="Nothing to show")
         board = Board([view_from_folder(f) for f in folders], status=f"{len(folders)} past run(s)")
         return render(board, with_downloads=True)
+
+    def delete(self, folders: list[str], confirmed: bool):
+        """Delete the chosen run folders (never one a run of this app is using), once confirmed.
+
+        Returns the past runs, the model choices, the confirmation (unticked) and what was done; a
+        refusal is a message (the other outputs stay as they are)."""
+        why = ("pick one or more past runs first" if not folders else
+               "tick “yes, delete the selected runs” first: deleting cannot be undone" if not confirmed else None)
+        if why:
+            gr.Warning(why, title="Nothing deleted")
+            return gr.skip(), gr.skip(), gr.skip(), f"Nothing deleted: {why}."
+        deleted, refused = delete_runs(self.runner.root, folders, self.runner.in_use())
+        lines = ([f"Deleted {len(deleted)} run(s): " + ", ".join(f"`{n}`" for n in deleted) + "."] if deleted
+                 else ["Nothing was deleted."])
+        lines += [f"- not deleted: {why}" for why in refused]
+        past, model = self.refresh()
+        return past, model, gr.Checkbox(value=False), "\n".join(lines)
+
+
+def _is_model_folder(path: Path) -> bool:
+    try:
+        return (path / "config.json").is_file() and not path.is_symlink()
+    except OSError:
+        return False
 
 
 def output_panel() -> list:
@@ -145,16 +176,19 @@ def create_train_tab(demo: gr.Blocks, runner: Runner) -> None:
             upload = gr.File(label="data file (.txt or prompt/response .jsonl)", file_types=[".txt", ".jsonl"],
                              visible=False)
             with gr.Row():
-                steps = gr.Slider(1, 10000, value=100, step=1, precision=0, label="steps", elem_id="train-steps")
-                eval_every = gr.Slider(0, 1000, value=25, step=1, precision=0, label="eval every (steps; 0: only at the end)",
-                                       elem_id="train-eval-every")
+                steps = gr.Number(100, minimum=1, maximum=MAX_STEPS, step=1, precision=0, label="steps",
+                                  elem_id="train-steps")
+                eval_every = gr.Number(25, minimum=0, maximum=MAX_STEPS, step=1, precision=0,
+                                       label="eval every (steps; 0: only at the end)", elem_id="train-eval-every")
             with gr.Row():
                 lr = gr.Number(0, minimum=0, maximum=1, label="peak learning rate (0: the method's default)")
                 seed = gr.Number(0, minimum=0, maximum=2**31 - 1, precision=0, label="seed")
                 device = gr.Dropdown(list(DEVICES), value="auto", label="device")
             with gr.Accordion("batch and precision", open=False):
                 setup = setup_widgets(batch_size=4, seq_len=128, dtype="bf16" if cuda_available() else "fp32",
-                                      dtypes=("fp32", "bf16"), max_batch=256, max_seq=8192, prefix="train")
+                                      dtypes=("fp32", "bf16"), max_batch=256, max_seq=8192, prefix="train",
+                                      max_gpus=local_ranks(), gpus_label="processes (ranks: torchrun here; "
+                                      "NCCL on GPUs, Gloo on CPU)")
             accordions, options = method_options_block(selected=("full", "lora", "galore"), defaults=TRAIN_DEFAULTS,
                                                       prefix="train")
             with gr.Row():
@@ -164,16 +198,23 @@ def create_train_tab(demo: gr.Blocks, runner: Runner) -> None:
                               open=False):
                 demo_base = gr.Dropdown(list(TINY), value=TINY[0], label="base model (pre-trained here first)")
                 with gr.Row():
-                    demo_pre = gr.Slider(10, 5000, value=300, step=10, precision=0, label="pre-training steps (full)")
-                    demo_ft = gr.Slider(5, 5000, value=100, step=5, precision=0, label="fine-tuning steps")
+                    demo_pre = gr.Number(300, minimum=1, maximum=MAX_STEPS, step=10, precision=0,
+                                         label="pre-training steps (full training)", elem_id="demo-pretrain-steps")
+                    demo_ft = gr.Number(100, minimum=1, maximum=MAX_STEPS, step=5, precision=0,
+                                        label="fine-tuning steps", elem_id="demo-finetune-steps")
                 demo_methods = gr.CheckboxGroup(method_choices(), value=["lora", "qlora", "galore", "qgalore"],
                                                 label="fine-tune with (the options above apply)")
                 demo_start = gr.Button("Run the fine-tuning demo", elem_id="demo-start")
             with gr.Accordion("Past runs", open=False):
-                past = gr.Dropdown([], multiselect=True, label="runs to show", elem_id="past-runs")
+                past = gr.Dropdown([], multiselect=True, label="runs to show or delete", elem_id="past-runs",
+                                   info="unreadable runs are listed with the reason; delete them here")
                 with gr.Row():
-                    refresh = gr.Button("Refresh", size="sm")
+                    refresh = gr.Button("Refresh", size="sm", elem_id="past-refresh")
                     load = gr.Button("Show", size="sm", elem_id="past-load")
+                with gr.Row():
+                    confirm = gr.Checkbox(False, label="yes, delete the selected runs", elem_id="past-delete-confirm")
+                    delete = gr.Button("Delete", size="sm", variant="stop", elem_id="past-delete")
+                deleted = gr.Markdown("", elem_id="past-deleted")
         with gr.Column(scale=5):
             outputs = output_panel()
 
@@ -184,10 +225,12 @@ def create_train_tab(demo: gr.Blocks, runner: Runner) -> None:
     device_queue = dict(concurrency_limit=1, concurrency_id="device", show_progress="hidden", **private)
     start.click(handlers.queue, None, None, queue=False, **private).then(
         handlers.start, [model, methods, data, upload, steps, lr, eval_every, seed, device], outputs,
-        inputs_kwargs=widgets, **device_queue).then(handlers.refresh, None, [past, model], **private)
+        inputs_kwargs=widgets, **device_queue).then(handlers.refresh, past, [past, model], **private)
     demo_start.click(handlers.queue, None, None, queue=False, **private).then(
         handlers.start_demo, [demo_base, demo_pre, demo_ft, demo_methods, lr, eval_every, seed, device],
-        outputs, inputs_kwargs=widgets, **device_queue).then(handlers.refresh, None, [past, model], **private)
+        outputs, inputs_kwargs=widgets, **device_queue).then(handlers.refresh, past, [past, model], **private)
     stop.click(handlers.stop, None, None, concurrency_limit=None, **private)
-    gr.on([refresh.click, demo.load], handlers.refresh, None, [past, model], concurrency_limit=None, **private)
+    gr.on([refresh.click, demo.load], handlers.refresh, past, [past, model], concurrency_limit=None, **private)
     load.click(handlers.show, past, outputs, concurrency_limit=None, **private)
+    delete.click(handlers.delete, [past, confirm], [past, model, confirm, deleted], concurrency_limit=None,
+                 **private)

@@ -39,13 +39,19 @@ def _slider(low: float, high: float, step: float):
     return lambda **kw: gr.Slider(low, high, step=step, precision=0 if float(step).is_integer() else None, **kw)
 
 
+def _number(low: float, high: float, step: float = 1):
+    """A number input (a slider over thousands of values cannot be aimed, and its ends get cut off)."""
+    return lambda **kw: gr.Number(minimum=low, maximum=high, step=step,
+                                  precision=0 if float(step).is_integer() else None, **kw)
+
+
 def _dropdown(choices, custom: bool = False):
     return lambda **kw: gr.Dropdown(list(choices), allow_custom_value=custom, **kw)
 
 
 # One widget kind per dataclass field; every number has bounds.
 FIELD_WIDGETS = {
-    "rank": _slider(1, 4096, 1),
+    "rank": _number(1, 65536),
     "alpha": lambda **kw: gr.Number(minimum=0.01, maximum=4096, **kw),
     "dropout": _slider(0, 0.9, 0.05),
     "targets": _dropdown([*TARGET_SHORTHANDS, "q_proj,v_proj"], custom=True),
@@ -54,7 +60,7 @@ FIELD_WIDGETS = {
     "quant_type": _dropdown(QUANT_TYPES),
     "double_quant": gr.Checkbox,
     "compute_dtype": _dropdown(DTYPE_BYTES),
-    "update_proj_gap": _slider(1, 5000, 1),
+    "update_proj_gap": _number(1, 1_000_000),
     "scale": lambda **kw: gr.Number(minimum=0.01, maximum=10, step=0.05, **kw),
     "proj_type": _dropdown(PROJ_TYPES),
     "layerwise": gr.Checkbox,
@@ -67,6 +73,37 @@ FIELD_WIDGETS = {
     "cos_threshold": _slider(0, 1, 0.05),
     "queue_size": _slider(1, 50, 1),
 }
+
+
+# The page's name of each field (the command line's flag is in the help text under it).
+FIELD_LABELS = {
+    "rank": "rank",
+    "alpha": "LoRA alpha",
+    "dropout": "LoRA dropout",
+    "targets": "target layers",
+    "use_rslora": "rank-stabilized scaling (rsLoRA)",
+    "optimizer": "optimizer",
+    "quant_type": "4-bit data type",
+    "double_quant": "double quantization",
+    "compute_dtype": "compute dtype",
+    "update_proj_gap": "refresh gap (update_proj_gap)",
+    "scale": "update scale (GaLore alpha)",
+    "proj_type": "projection type",
+    "layerwise": "layer-wise updates",
+    "svd": "SVD method",
+    "stagger": "stagger the refreshes",
+    "weight_group_size": "INT8 weight group size",
+    "proj_bits": "projection bits",
+    "proj_group_size": "projection group size",
+    "adaptive": "adaptive refresh gaps",
+    "cos_threshold": "similarity threshold (cos_threshold)",
+    "queue_size": "similarity queue size",
+}
+
+
+def option_label(name: str) -> str:
+    """The page's label of a method option (a field of its dataclass)."""
+    return FIELD_LABELS.get(name, name.replace("_", " "))
 
 
 def option_help(method: str, name: str) -> str:
@@ -90,8 +127,8 @@ def method_option_widgets(method: str, defaults: dict[str, Any] | None = None,
         make = FIELD_WIDGETS[f.name]
         if f.name == "optimizer" and issubclass(cls, GaLoreConfig):
             make = _dropdown(LOWRANK_OPTIMIZERS)
-        widgets[f"{method}__{f.name}"] = make(label=option_flag(method, f.name), value=value,
-                                              info=option_help(method, f.name) or None,
+        info = "; ".join(t for t in (option_help(method, f.name), f"--{option_flag(method, f.name)}") if t)
+        widgets[f"{method}__{f.name}"] = make(label=option_label(f.name), value=value, info=info,
                                               elem_id=f"{prefix}-{method}-{f.name}" if prefix else None)
     return widgets
 
@@ -155,9 +192,15 @@ def method_configs(methods: list[str], options: dict[str, Any]) -> list[MethodCo
 SETUP_HELP = {o.field: o.help for o in SETUP_OPTIONS}
 
 
+SHARD_LABELS = {"none": "none: replicated (DDP)", "optimizer": "optimizer states (ZeRO-1)",
+                "gradients": "+ gradients (FSDP2, ZeRO-2)", "full": "+ weights (FSDP2, ZeRO-3)"}
+
+
 def setup_widgets(batch_size: int = 1, seq_len: int = 256, dtype: str = "bf16", dtypes=tuple(DTYPE_BYTES),
-                  max_batch: int = 512, max_seq: int = 32768, prefix: str = "") -> dict[str, gr.components.Component]:
-    """Batch, sequence, accumulation, precision, checkpointing and attention widgets (ids "<prefix>-<field>")."""
+                  max_batch: int = 512, max_seq: int = 32768, prefix: str = "", max_gpus: int = 1024,
+                  gpus_label: str = "GPUs (data parallel)") -> dict[str, gr.components.Component]:
+    """Batch, sequence, accumulation, GPUs and sharding, precision, checkpointing and attention
+    widgets (ids "<prefix>-<field>")."""
     widgets = {
         "batch_size": gr.Slider(1, max_batch, value=batch_size, step=1, precision=0, label="batch size",
                                 info=SETUP_HELP["batch_size"]),
@@ -165,6 +208,10 @@ def setup_widgets(batch_size: int = 1, seq_len: int = 256, dtype: str = "bf16", 
                              info=SETUP_HELP["seq_len"]),
         "grad_accum": gr.Slider(1, 64, value=1, step=1, precision=0, label="gradient accumulation",
                                 info=SETUP_HELP["grad_accum"]),
+        "gpus": gr.Number(1, minimum=1, maximum=max_gpus, step=1, precision=0, label=gpus_label,
+                          info="the batch size is split across them; memory is per GPU"),
+        "shard": gr.Dropdown([(label, name) for name, label in SHARD_LABELS.items()], value="none",
+                             label="sharding across GPUs", info="what the GPUs split (with 2 or more)"),
         "dtype": gr.Dropdown(list(dtypes), value=dtype, label="dtype", info=SETUP_HELP["dtype"]),
         "autocast": gr.Checkbox(False, label="autocast (fp32 weights, bf16 matmuls)"),
         "grad_checkpointing": gr.Checkbox(False, label="gradient checkpointing"),
@@ -177,11 +224,13 @@ def setup_widgets(batch_size: int = 1, seq_len: int = 256, dtype: str = "bf16", 
 
 
 def train_setup(batch_size: float, seq_len: float, grad_accum: float, dtype: str, autocast: bool,
-                grad_checkpointing: bool, attn_implementation: str) -> TrainSetup:
+                grad_checkpointing: bool, attn_implementation: str, gpus: float = 1,
+                shard: str = "none") -> TrainSetup:
     """TrainSetup from the setup widgets' values (ValueError names the field)."""
     return TrainSetup(batch_size=_coerce(batch_size, 1), seq_len=_coerce(seq_len, 1),
                       grad_accum=_coerce(grad_accum, 1), dtype=dtype, autocast=bool(autocast),
-                      grad_checkpointing=bool(grad_checkpointing), attn_implementation=attn_implementation)
+                      grad_checkpointing=bool(grad_checkpointing), attn_implementation=attn_implementation,
+                      gpus=_coerce(gpus, 1), shard=shard)
 
 
 def configs_and_setup(methods: list[str], values: dict[str, Any]) -> tuple[list[MethodConfig], TrainSetup]:
@@ -192,6 +241,7 @@ def configs_and_setup(methods: list[str], values: dict[str, Any]) -> tuple[list[
 
 def split_setup(values: dict[str, Any]) -> tuple[TrainSetup, dict[str, Any]]:
     """(TrainSetup from the setup keys, the remaining values: method options)."""
-    names = ("batch_size", "seq_len", "grad_accum", "dtype", "autocast", "grad_checkpointing", "attn_implementation")
-    setup = train_setup(**{n: values[n] for n in names})
+    names = ("batch_size", "seq_len", "grad_accum", "dtype", "autocast", "grad_checkpointing", "attn_implementation",
+             "gpus", "shard")
+    setup = train_setup(**{n: values[n] for n in names if n in values})
     return setup, {k: v for k, v in values.items() if k not in names}

@@ -28,7 +28,7 @@ def test_json_contract():
 
 
 def test_readable_table_and_gpus(capsys):
-    assert main(["tiny-llama-20m", "--method", "lora", "--rank", "16", "--gpus"]) == 0
+    assert main(["tiny-llama-20m", "--method", "lora", "--rank", "16", "--fit-table"]) == 0
     out = capsys.readouterr().out
     assert "peak allocated" in out and "RTX 4090" in out and "weights" in out
 
@@ -50,6 +50,14 @@ def test_max_batch_size(capsys):
     (["llama-7b", "--method", "lora", "--rank", "x"], "invalid int value"),
     (["llama-7b", "--method", "lora", "--max-batch-size", "gtx 480"], "not in the catalog"),
     (["/no/such/config.json", "--method", "lora"], "no such file"),
+    (["x" * 5000, "--method", "lora"], "is 5,000 characters long"),
+    (["/" + "x" * 300, "--method", "lora"], "File name too long"),
+    (["llama-7b", "--method", "lora", "--batch-size", str(10**12)], "--batch-size 1000000000000 must be a whole number ≤"),
+    (["llama-7b", "--method", "lora", "--batch-size", "1048576", "--seq-len", "16777216"], "beyond what 64 bits hold"),
+    (["llama-7b", "--method", "qgalore", "--weight-group-size", "7"], "--weight-group-size 7 must be a power of two"),
+    (["llama-7b", "--method", "lora", "--lora-alpha", "nan"], "--lora-alpha nan must be a number > 0"),
+    (["llama-7b", "--method", "lora", "--lora-alpha", "1e308"], "--lora-alpha 1e+308 must be a number > 0"),
+    (["llama-7b", "--method", "lora", "junk\nword"], "unrecognized arguments: junk word"),
 ])
 def test_bad_input_is_one_line_and_status_2(args, message):
     result = run(*args)
@@ -66,6 +74,22 @@ def test_malformed_config_file(tmp_path):
     assert result.returncode == 2 and "not valid JSON" in result.stderr
 
 
+@pytest.mark.parametrize("content, message", [
+    ('{"model_type": "llama", "x": ' + "[" * 5000 + "]" * 5000 + "}", "nests deeper than 32 levels"),
+    ('{"model_type": "llama", "num_hidden_layers": 20000}', "num_hidden_layers=20000 must be a whole number from 1"),
+    ('{"model_type": "llama", "pad": "' + "x" * (1 << 20) + '"}', "larger than 1 MB"),
+])
+def test_hostile_config_files_are_one_line_and_status_2(tmp_path, content, message, capsys):
+    """A deep, huge or absurd config.json: refused in milliseconds, with one line (in-process: no
+    interpreter start per case)."""
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(path), "--method", "lora"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
 PINNED = Path(__file__).parent / "pinned"
 
 
@@ -73,7 +97,7 @@ PINNED = Path(__file__).parent / "pinned"
     (["llama-7b", "--method", "galore", "--rank", "1024", "--optimizer", "adamw8bit", "--layerwise",
       "--batch-size", "1", "--seq-len", "256"], "galore-7b.txt"),
     (["tiny-llama-20m", "--method", "qlora", "--rank", "16", "--batch-size", "2", "--seq-len", "128",
-      "--grad-checkpointing", "--json", "--gpus", "--max-batch-size", "RTX 4090"], "qlora-20m.json"),
+      "--grad-checkpointing", "--json", "--fit-table", "--max-batch-size", "RTX 4090"], "qlora-20m.json"),
 ], ids=["text", "json"])
 def test_output_is_pinned(args, pinned, capsys):
     """The readable table and the JSON object, byte for byte as recorded (tests/estimator/pinned):

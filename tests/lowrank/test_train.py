@@ -191,8 +191,8 @@ def test_run_folder_files_keep_their_shape(tmp_path):
     assert set(line) == {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time_s",
                          "memory_peak_bytes", "eval_loss"}
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"status", "message", "model", "method", "device", "device_capacity_bytes", "predicted",
-                            "measured", "comparison", "final"}
+    assert set(summary) == {"status", "message", "model", "method", "device", "gpus", "shard", "measured_ranks",
+                            "device_capacity_bytes", "predicted", "measured", "comparison", "final"}
     assert set(summary["final"]) == {"steps", "loss", "eval_loss", "tokens_per_s", "train_seconds", "final_dir"}
     assert set(summary["comparison"]) == {"peak_error", "category_errors", "within_targets", "failures"}
 

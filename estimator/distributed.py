@@ -1,0 +1,345 @@
+"""Per-GPU memory of a data-parallel step: the terms `--gpus N --shard S` add or divide.
+
+Every rank computes `batch_size / N` rows of each micro-batch, so activations are a one-GPU
+estimate's at the per-rank batch. The rest depends on the strategy (lowrank/distributed.py):
+
+    none        DDP: weights and states whole; gradients live in DDP's buckets for the whole
+                step (`gradient_as_bucket_view`: the buckets are the gradients), so each new
+                gradient is added to its bucket, as under gradient accumulation
+    optimizer   ZeRO-1: as DDP, but a rank keeps the optimizer states of its share of the
+                tensors — torch's ZeroRedundancyOptimizer rule, largest first to the emptiest
+                rank — and the peak is the rank with the most
+    gradients   FSDP2 without resharding after forward (ZeRO-2): each rank stores a padded 1/N
+                shard of every parameter, gradient and state; a block's parameters are gathered
+                whole in forward and stay gathered until its backward has reduce-scattered
+                its gradients
+    full        FSDP2 (ZeRO-3): a block's parameters are gathered for its forward, freed, and
+                gathered again for its backward, where the next block's gather is already
+                in flight (prefetch)
+
+FSDP's named terms: sharded parameters, gradients and states (each tensor's first dimension
+padded to a multiple of N); the root module's gathered parameters (embeddings, final norm,
+lm_head); the gathered block being computed; the flat all-gather buffer of the block prefetched;
+the flat reduce-scatter input of the previous block (kept until the next reduce-scatter starts);
+the root's gradients, reduce-scattered only at the end of backward. GaLore and Q-GaLore reduce
+their own gradients in place (no buckets) and under ZeRO-1 own whole matrices.
+Checked against `--dry-run --gpus N --shard S` (rank 0 on fake tensors, fake process group):
+tests/estimator/test_distributed.py and bench/distributed_accuracy.py.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+from math import ceil
+
+from . import activations as act
+from . import memory as mem
+from .config import GaLoreConfig, LoRAConfig, MethodConfig, TrainSetup
+from .constants import ADAM8_MIN_SIZE, DTYPE_BYTES, QMAP_BYTES
+from .spec import ModelSpec
+
+FSDP_STRATEGIES = ("gradients", "full")
+
+
+def refusal(method: MethodConfig, shard: str) -> str | None:
+    """Why `method` cannot train under `shard` (and which strategy can), or None when it can."""
+    if shard in FSDP_STRATEGIES and method.method in ("galore", "qgalore"):
+        return (f"--shard {shard} hands each rank a shard of every gradient matrix, and {method.method} projects "
+                "whole matrices; use --shard optimizer (each rank owns whole matrices and their states) or none")
+    optimizer = getattr(method, "optimizer", None)
+    if shard in FSDP_STRATEGIES and optimizer in ("adamw8bit", "adafactor"):
+        return (f"--shard {shard} gives the optimizer FSDP's sharded DTensor parameters, which {optimizer} cannot "
+                f"update (bitsandbytes' 8-bit kernels and torch's Adafactor take plain tensors); use --optimizer "
+                f"adamw or sgd, or --shard optimizer ({optimizer} states, sharded)")
+    if shard in FSDP_STRATEGIES and method.method == "qlora":
+        return (f"--shard {shard} would shard QLoRA's 4-bit weights, which bitsandbytes stores in a layout FSDP "
+                "cannot split here; use --shard optimizer (states sharded) or none")
+    return None
+
+
+def rank_setup(setup: TrainSetup) -> TrainSetup:
+    """What one rank computes, as a one-GPU setup: batch_size / gpus rows of each micro-batch."""
+    return replace(setup, batch_size=setup.batch_size // setup.gpus, gpus=1, shard="none")
+
+
+def rank_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
+                 device: str) -> tuple[dict[str, dict[str, int]], dict[str, int], dict[str, int]]:
+    """One rank's candidate peak moments, its activation terms and the named distributed terms
+    (estimate.step_moments, per GPU)."""
+    from .estimate import Layout, step_moments
+
+    problem = refusal(method, setup.shard)
+    if problem:
+        raise ValueError(problem)
+    if setup.shard in FSDP_STRATEGIES:
+        return fsdp_moments(spec, method, setup, device)
+    galore = isinstance(method, GaLoreConfig)
+    states = zero_states(spec, method, setup) if setup.shard == "optimizer" else None
+    layout = Layout(buckets=not galore, optimizer=None if states is None else max(states),
+                    projected_accumulation=states is None)
+    per_rank = rank_setup(setup)
+    moments, terms = step_moments(spec, method, per_rank, device, layout)
+    shared = {}
+    if layout.buckets:
+        shared["DDP gradient buckets (the gradients, as bucket views)"] = mem.gradient_bytes(spec, method, per_rank)
+    if states is not None:
+        shared["optimizer states of this rank's share (ZeRO-1)"] = max(states)
+        shared["ZeRO-1 parameter broadcast (in place: no buffer)"] = 0
+    return moments, terms, shared
+
+
+# ---------------------------------------------------------------------------- ZeRO-1
+def greedy_partition(groups: list[list[int]], world: int) -> list[list[tuple[int, int]]]:
+    """(group, index) of the tensors each rank owns: within each group, largest first, each to the
+    rank holding the fewest elements so far (torch's ZeroRedundancyOptimizer, and lowrank.galore)."""
+    sizes = [0] * world
+    owned: list[list[tuple[int, int]]] = [[] for _ in range(world)]
+    for g, numels in enumerate(groups):
+        for i in sorted(range(len(numels)), key=lambda i: -numels[i]):
+            rank = sizes.index(min(sizes))
+            owned[rank].append((g, i))
+            sizes[rank] += numels[i]
+    return owned
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One trainable tensor as the optimizer sees it: its elements, its 2-D shape if a matrix,
+    and the state it carries (bytes) — the unit ZeRO-1 deals out."""
+
+    numel: int
+    state: int
+    quantized: bool  # has 8-bit moments: the rank holding it keeps the two 256-entry maps
+
+
+def optimizer_tensors(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -> list[list[Tensor]]:
+    """The optimizer's parameter groups, tensor by tensor (lowrank/full.py, lora.py, galore.py)."""
+    if isinstance(method, GaLoreConfig):
+        return galore_tensors(spec, method, setup)
+    d = mem.adapter_dtype_bytes(method, setup) if isinstance(method, LoRAConfig) else DTYPE_BYTES[setup.dtype]
+    numels = mem.trainable_tensors(spec, method)
+    shapes = _shapes(spec, method, numels)
+    return [[Tensor(n, mem.optimizer_state_bytes([n], [shape], d, method.optimizer) - mem.qmap_bytes([n], method.optimizer),
+                    method.optimizer == "adamw8bit" and n >= ADAM8_MIN_SIZE) for n, shape in zip(numels, shapes)]]
+
+
+def _shapes(spec: ModelSpec, method: MethodConfig, numels: list[int]) -> list[tuple[int, int] | None]:
+    """The 2-D shape of each tensor of `trainable_tensors` (Adafactor factors matrices)."""
+    if isinstance(method, LoRAConfig):
+        shapes = []
+        for lin in mem.target_linears(spec, method.targets):
+            shapes += [(method.rank, lin.in_features), (lin.out_features, method.rank)] * lin.count
+        return shapes
+    shapes = []
+    for lin in spec.linears:
+        shapes += [(lin.out_features, lin.in_features)] * lin.count + ([None] * lin.count if lin.bias else [])
+    rest = numels[len(shapes):]
+    return shapes + [(spec.vocab_size, spec.hidden_size) if n == spec.vocab_size * spec.hidden_size else None
+                     for n in rest]
+
+
+def galore_tensors(spec: ModelSpec, method: GaLoreConfig, setup: TrainSetup) -> list[list[Tensor]]:
+    """GaLore's two groups: projected weights (projection + low-rank moments), every other tensor
+    (plain AdamW, 8-bit when asked)."""
+    d = DTYPE_BYTES[setup.dtype]
+    eight = method.optimizer == "adamw8bit"
+    projected, plain = [], []
+    for lin in spec.linears:
+        numel = lin.in_features * lin.out_features
+        if mem.is_target(lin, method.targets):
+            r = min(method.rank, lin.in_features, lin.out_features)
+            moments = r * r if method.proj_type == "full" else r * max(lin.in_features, lin.out_features)
+            projected += [Tensor(numel, mem.galore_matrix_state_bytes(lin, method, d),
+                                 eight and moments >= ADAM8_MIN_SIZE)] * lin.count
+        else:
+            plain += [numel] * lin.count
+        if lin.bias:
+            plain += [lin.out_features] * lin.count
+    plain += mem._non_linear_tensors(spec)
+    return [projected, [Tensor(n, mem.adam_state_bytes(n, d, method.optimizer, step_tensor=False),
+                               eight and n >= ADAM8_MIN_SIZE) for n in plain]]
+
+
+def zero_states(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -> list[int]:
+    """Optimizer-state bytes on each rank under ZeRO-1."""
+    groups = optimizer_tensors(spec, method, setup)
+    owned = greedy_partition([[t.numel for t in group] for group in groups], setup.gpus)
+    out = []
+    for tensors in owned:
+        chosen = [groups[g][i] for g, i in tensors]
+        maps = 2 * QMAP_BYTES if any(t.quantized for t in chosen) else 0
+        out.append(sum(t.state for t in chosen) + maps)
+    return out
+
+
+# ---------------------------------------------------------------------------- FSDP2
+def _local(dim0: int, rest: int, world: int) -> int:
+    """A rank's padded shard of a tensor: its first dimension split in N equal chunks."""
+    return ceil(dim0 / world) * rest
+
+
+@dataclass(frozen=True)
+class Shards:
+    """FSDP2's sizes on one rank, in elements: the shard every rank stores, and what a gathered
+    block or root occupies (padded to N chunks)."""
+
+    frozen_local: int  # frozen parameters' shards (the weights of a LoRA model)
+    trainable_local: int  # trainable parameters' shards: also the sharded gradients' and states' size
+    block_gathered: int  # one decoder block, gathered (all its parameters)
+    block_trainable_gathered: int  # its trainable part (the reduce-scatter input)
+    root_gathered: int  # embeddings, final norm and lm_head, gathered
+    root_trainable_gathered: int
+    trainable_tensors_local: tuple[int, ...]  # each trainable tensor's shard (Adam states, one by one)
+
+
+def shards(spec: ModelSpec, method: MethodConfig, world: int) -> Shards:
+    """The per-rank sizes FSDP2 gives `spec` trained with `method` (LoRA: base frozen, adapters trainable)."""
+    lora = isinstance(method, LoRAConfig)
+    h, layers = spec.hidden_size, spec.num_layers
+    block, block_trainable, local_tensors = 0, 0, []
+    frozen_local = trainable_local = 0
+    tensors = []  # (dim0, rest, trainable) of one block
+    for lin in spec.linears:
+        per_block = lin.count / layers  # a linear every block has (count == layers)
+        targeted = lora and mem.is_target(lin, method.targets)
+        parts = [(lin.out_features, lin.in_features, not lora)] + ([(lin.out_features, 1, not lora)] if lin.bias else [])
+        if targeted:
+            parts += [(method.rank, lin.in_features, True), (lin.out_features, method.rank, True)]
+        tensors += [part for part in parts for _ in range(round(per_block))]
+    norms = mem.block_norm_params(spec) // h
+    tensors += [(h, 1, not lora)] * norms
+    for dim0, rest, trainable in tensors:
+        local = _local(dim0, rest, world)
+        block += local * world
+        if trainable:
+            block_trainable += local * world
+            trainable_local += local * layers
+            local_tensors += [local] * layers
+        else:
+            frozen_local += local * layers
+    root = [(spec.vocab_size, h)]
+    if spec.embedding_params > spec.vocab_size * h:
+        root.append((spec.embedding_params // h - spec.vocab_size, h))  # learned positions
+    if spec.lm_head_params:
+        root.append((spec.vocab_size, h))
+    final_norm = spec.norm_params - mem.block_norm_params(spec) * layers
+    root += [(h, 1)] * (final_norm // h)
+    root_gathered = root_trainable = 0
+    for dim0, rest in root:
+        local = _local(dim0, rest, world)
+        root_gathered += local * world
+        if lora:
+            frozen_local += local
+        else:
+            root_trainable += local * world
+            trainable_local += local
+            local_tensors.append(local)
+    return Shards(frozen_local, trainable_local, block, block_trainable, root_gathered, root_trainable,
+                  tuple(local_tensors))
+
+
+def fsdp_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
+                 device: str) -> tuple[dict, dict, dict]:
+    """The candidate peak moments of one rank's step under FSDP2 (gradients or full), each a
+    breakdown by category, its activation terms and the named distributed terms (bytes)."""
+    world, reshard = setup.gpus, setup.shard == "full"
+    per_rank = rank_setup(setup)
+    flow = _flow(spec, method, per_rank, device)
+    b, s, n = per_rank.batch_size, per_rank.seq_len, spec.num_layers
+    d = DTYPE_BYTES[setup.dtype]
+    lora = isinstance(method, LoRAConfig)
+    sh = shards(spec, method, world)
+    a = mem.adapter_dtype_bytes(method, setup) if lora else d
+    sharded = {"weights": sh.frozen_local * d + (0 if lora else sh.trainable_local * d)
+               + spec.float_buffer_numel * d + spec.other_buffer_bytes,
+               "adapters": sh.trainable_local * a if lora else 0}
+    sizes = Counter(sh.trainable_tensors_local)  # each shard's states, alike for alike sizes
+    states = sum(count * mem.optimizer_state_bytes([t], None, a, method.optimizer) for t, count in sizes.items())
+    block_w = sh.block_gathered * d  # a gathered block (LoRA factors beside the base: both in d here)
+    root_w = sh.root_gathered * d
+    block_rs = sh.block_trainable_gathered * a  # a block's reduce-scatter input (its trainable gradients)
+    block_grad_shard = block_rs // world
+    head_grads = 0 if lora else (spec.lm_head_params or spec.vocab_size * spec.hidden_size) * d + \
+        (spec.norm_params - mem.block_norm_params(spec) * n) * d
+    terms = {"sharded parameters": sh.frozen_local * d + sh.trainable_local * a,
+             "sharded gradients": sh.trainable_local * a, "sharded optimizer states": states,
+             "gathered root (embeddings, final norm, lm_head)": root_w, "gathered block": block_w,
+             "prefetched block (all-gather buffer)": block_w if reshard else 0,
+             "reduce-scatter input (previous block)": block_rs}
+    saved = act.activation_terms(spec, flow, b, s)
+
+    # accumulating, each micro-batch's reduce-scatter adds into the gradient shards, which exist
+    # from the first micro-batch on (skipping the reduce-scatter would keep whole gradients instead)
+    accumulated = sh.trainable_local * a if setup.grad_accum > 1 else 0
+
+    def moment(weights: int, gradients: int, activations: int, transient: int) -> dict[str, int]:
+        return {"weights": sharded["weights"] + weights, "adapters": sharded["adapters"],
+                "gradients": accumulated + gradients, "optimizer": states, "activations": activations,
+                "transient": transient}
+
+    blocks_kept = n if not reshard else 0  # gathered blocks alive after forward
+    moments = {}
+    # a block's forward begins with its gather: its flat all-gather output is copied out into the
+    # gathered parameters while the previous gather's output (the root's, for the first block) is
+    # still held, until this gather has started
+    saved_block = act.block_saved(spec, flow, b, s, first=False)
+    for k in range(n):
+        previous = root_w if k == 0 else block_w
+        gathered = root_w + (block_w if reshard else (k + 1) * block_w) + block_w  # + the copy-out's source
+        activations = k * sum(saved_block.values()) + act.token_ids(flow, b, s) + \
+            (act.rotary_tables(spec, flow, s) if k else 0)
+        if flow.checkpointing:
+            activations = k * act.checkpointed_layer_saved(spec, flow, b, s) + act.token_ids(flow, b, s) + \
+                act.checkpointed_shared(spec, flow, b, s)
+        candidate = {"weights": sharded["weights"] + gathered - block_w, "adapters": sharded["adapters"],
+                     "gradients": accumulated, "optimizer": states, "activations": activations,
+                     "transient": previous + block_w}
+        if "forward: a block's gather" not in moments or sum(candidate.values()) > \
+                sum(moments["forward: a block's gather"].values()):
+            moments["forward: a block's gather"] = candidate
+    # the last block's all-gather output stays until the root's forward returns, which computes
+    # the head and the loss (FSDP2 frees a gather's output at the next gather, or at the root's end)
+    moments.update({
+        "forward: loss": moment(root_w + blocks_kept * block_w, 0, sum(saved.values()),
+                                act.loss_forward_transient(spec, flow, b, s) + act.forward_transient(spec, flow, b, s)
+                                + block_w),
+        "backward: loss": moment(root_w + blocks_kept * block_w, 0, sum(saved.values()),
+                                 act.loss_backward_transient(spec, flow, b, s) + (block_w if reshard else 0)),
+    })
+    block_grads = mem.block_gradient_bytes(spec, method, per_rank)
+    other = act.block_saved(spec, flow, b, s, first=False)
+    bottom = act.block_saved(spec, flow, b, s, first=True)
+    for above in range(n):  # the block whose backward runs, counted from the top
+        below = n - 1 - above  # blocks still waiting for their backward
+        where = "top block" if above == 0 else "bottom block" if below == 0 else "a middle block"
+        parts = bottom if below == 0 else other
+        gathered = root_w + (block_w if reshard else (below + 1) * block_w)
+        prefetch = block_w if reshard and below > 0 else 0
+        pending = block_rs if above > 0 else 0
+        done = head_grads + (0 if accumulated else above * block_grad_shard)
+        for step in act.block_backward_steps(spec, flow, b, s):
+            made = sum(block_grads.get(k, 0) for k in step.grads_of)
+            if flow.checkpointing:
+                activations = (below + 1) * act.checkpointed_layer_saved(spec, flow, b, s) + \
+                    act.checkpointed_shared(spec, flow, b, s) + act.token_ids(flow, b, s)
+                recomputed = sum(parts[p] for p in step.alive)
+            else:
+                activations = sum(parts[p] for p in step.alive) + below * sum(other.values()) + \
+                    act.rotary_tables(spec, flow, s) + act.token_ids(flow, b, s)
+                recomputed = 0
+            candidate = moment(gathered, done + made, activations, recomputed + step.transient + prefetch + pending)
+            key = f"backward: {where}"
+            if key not in moments or sum(candidate.values()) > sum(moments[key].values()):
+                moments[key] = candidate
+    root_grads = 0 if lora else sh.root_trainable_gathered * d
+    moments["backward: end"] = moment(root_w, (0 if accumulated else n * block_grad_shard) + root_grads, 0, block_rs)
+    # the step: fused AdamW (or SGD) updates each shard in place
+    moments["optimizer"] = moment(0, 0 if accumulated else sh.trainable_local * a, 0, 0)
+    return moments, saved, terms
+
+
+def _flow(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, device: str) -> act.Flow:
+    from .estimate import make_flow
+
+    return make_flow(spec, method, setup, device)
