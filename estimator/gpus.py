@@ -57,21 +57,31 @@ def fit_table(est: Estimate) -> list[dict]:
              "headroom_gib": round((g.memory_bytes - need) / GiB, 2)} for g in gpu_catalog()]
 
 
+def _first(test, start: int, stop: int) -> int | None:
+    """Smallest n in [start, stop] with test(n) true, for a test that stays true once it is (None:
+    none is). Doubling from `start` brackets it, bisection finds it."""
+    if test(start):
+        return start
+    lo, hi = start, start * 2  # test(lo) is false
+    while hi < stop and not test(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, stop)
+    if not test(hi):
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if test(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def _largest(fits, upper: int) -> int | None:
     """Largest n in [1, upper] with fits(n) true, assuming fits is monotone; None if even 1 fails."""
     if not fits(1):
         return None
-    lo, hi = 1, 2
-    while hi <= upper and fits(hi):
-        lo, hi = hi, hi * 2
-    hi = min(hi, upper + 1)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return _first(lambda n: n > upper or not fits(n), 1, upper + 1) - 1
 
 
 def max_batch_size(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, gpu: GPU,
@@ -127,17 +137,4 @@ def gpus_needed(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, gpu: G
         return 1
     if setup.shard == "none":
         return None
-    most = min(most, MAX_GPUS)
-    lo, hi = 1, 2  # fits(lo) is false
-    while hi < most and not fits(hi):
-        lo, hi = hi, hi * 2
-    hi = min(hi, most)
-    if not fits(hi):
-        return None
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    return _first(fits, 2, min(most, MAX_GPUS))
