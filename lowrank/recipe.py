@@ -349,6 +349,9 @@ def resume_run(session: Session) -> int:
         metrics = session.out / "metrics.jsonl"
         kept = [line for line in read_metrics(metrics) if line["step"] <= first]
         write_atomically(metrics, lambda tmp: tmp.write_text("".join(json.dumps(line) + "\n" for line in kept)))
+        if first >= session.spec.steps:
+            print(f"{session.out} already ran {first} steps (--steps {session.spec.steps}): nothing to train; "
+                  f"give --steps above {first} to continue", file=sys.stderr)
     return first
 
 

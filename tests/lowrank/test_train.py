@@ -211,8 +211,9 @@ def test_resume_from_the_command_line_into_the_folder_it_is_given(tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "copy" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 201))
     assert len((tmp_path / "original" / "metrics.jsonl").read_text().splitlines()) == 3  # untouched
-    again = cli("--resume", str(tmp_path / "copy"), "--no-progress")  # nothing left to do: still completed
+    again = cli("--resume", str(tmp_path / "copy"), "--steps", "50", "--no-progress")  # fewer: nothing to do
     assert again.returncode == 0, again.stderr
+    assert "already ran 200 steps (--steps 50): nothing to train; give --steps above 200" in again.stderr
     assert json.loads((tmp_path / "copy" / "summary.json").read_text())["status"] == "completed"
     refused = cli("--resume", str(tmp_path / "copy"), "--rank", "8")
     assert refused.returncode == 2 and "--rank cannot change when resuming" in refused.stderr
