@@ -15,12 +15,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.browser
+from tests.app.serving import WAIT_S, open_page, wait_until
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
-WAIT_S = 300  # a loaded 2-core machine starts a worker in 5-20 s
+pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
@@ -32,20 +29,8 @@ def shots(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def page(served_app, tmp_path_factory):
-    if not Path(CHROMIUM).exists():
-        pytest.skip("needs Debian's chromium: apt-get install chromium")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True, args=ARGS,
-            viewport={"width": 1440, "height": 1000})
-        page = browser.new_page()
-        page.set_default_timeout(60_000)
-        page.goto(served_app[0])
-        page.wait_for_selector("#plan-breakdown .js-plotly-plot")
+    with open_page(served_app[0], tmp_path_factory.mktemp("chromium-profile")) as page:
         yield page
-        browser.close()
 
 
 def plot(page, elem_id: str) -> list[dict] | None:
@@ -53,16 +38,6 @@ def plot(page, elem_id: str) -> list[dict] | None:
     return page.evaluate("""id => {
         const g = document.querySelector('#' + id + ' .js-plotly-plot');
         return g && g.data ? g.data.map(t => ({name: t.name, x: t.x, y: t.y})) : null }""", elem_id)
-
-
-def wait_until(check, timeout: float = WAIT_S, every: float = 0.25):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {check.__doc__ or check}")
 
 
 def bar(traces: list[dict], category: str, method: str) -> float:

@@ -5,48 +5,19 @@ and the page after an error.
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import pytest
 
+from tests.app.serving import open_page, wait_until
 from ui.plan import SOURCES, SUMMARY_COLUMNS
 from ui.widgets import METHOD_LABELS
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
-WAIT_S = 120
-
 
 @pytest.fixture(scope="module")
 def page(served_app, tmp_path_factory):
-    if not Path(CHROMIUM).exists():
-        pytest.skip("needs Debian's chromium: apt-get install chromium")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-plan")), executable_path=CHROMIUM, headless=True, args=ARGS,
-            viewport={"width": 1024, "height": 1000})
-        page = browser.new_page()
-        page.set_default_timeout(60_000)
-        page.goto(served_app[0])
-        page.wait_for_selector("#plan-breakdown .js-plotly-plot")
+    with open_page(served_app[0], tmp_path_factory.mktemp("chromium-plan"), width=1024) as page:
         yield page
-        browser.close()
-
-
-def wait_until(check, timeout: float = WAIT_S, every: float = 0.25):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {check.__doc__ or check}")
 
 
 def headers(page, elem_id: str) -> list[tuple[str, int]]:

@@ -7,12 +7,10 @@ The app is served over its own runs folder here, so the runs of tests/app/test_b
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from tests.app.conftest import free_port
-from tests.app.test_browser import ARGS, CHROMIUM, wait_until
+from tests.app.serving import open_page, serve, wait_until
 
 pytestmark = pytest.mark.browser
 
@@ -20,9 +18,6 @@ pytestmark = pytest.mark.browser
 @pytest.fixture(scope="module")
 def odd_app(tmp_path_factory):
     """(url, runs folder) of the app over a runs folder holding a good run and an unreadable one."""
-    import app
-    from ui.runner import Runner
-
     runs = tmp_path_factory.mktemp("odd-runs")
     for name, summary in (("good-lora", {"status": "completed", "final": {"loss": 4.25}}), ("broken", [1, 2, 3])):
         out = runs / name
@@ -30,31 +25,13 @@ def odd_app(tmp_path_factory):
         (out / "config.json").write_text(json.dumps({"model": "tiny-llama-5m", "method": {"method": "lora"}}))
         (out / "summary.json").write_text(json.dumps(summary))
         (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 5.0}) + "\n")
-    runner = Runner(runs)
-    demo = app.build_ui(runs, runner)
-    port = free_port()
-    app.launch(demo, runs, port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/", runs
-    runner.stop_all()
-    demo.close()
+    yield from serve(runs)
 
 
 @pytest.fixture(scope="module")
 def page(odd_app, tmp_path_factory):
-    if not Path(CHROMIUM).exists():
-        pytest.skip("needs Debian's chromium: apt-get install chromium")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True, args=ARGS,
-            viewport={"width": 1440, "height": 1000})
-        page = browser.new_page()
-        page.set_default_timeout(60_000)
-        page.goto(odd_app[0])
-        page.wait_for_selector("#plan-breakdown .js-plotly-plot")
+    with open_page(odd_app[0], tmp_path_factory.mktemp("chromium-profile")) as page:
         yield page
-        browser.close()
 
 
 def test_an_unreadable_run_is_listed_and_deleted_once_confirmed(page, odd_app):
