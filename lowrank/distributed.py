@@ -107,9 +107,17 @@ class Parallel:
         return out.div_(self.world)
 
     def max(self, value: int) -> int:
-        out = torch.tensor([value], dtype=torch.int64)
+        """The largest of an integer over the ranks (on the device: NCCL reduces CUDA tensors only)."""
+        out = torch.tensor([value], dtype=torch.int64, device=self.device)
         dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
         return int(out.item())
+
+    def gather_ints(self, value: int) -> list[int]:
+        """An integer of every rank, in rank order: one collective (each step's peaks)."""
+        mine = torch.tensor([value], dtype=torch.int64, device=self.device)
+        out = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(out, mine, group=self.group)
+        return [int(t.item()) for t in out]
 
     def gather(self, obj) -> list:
         """`obj` of every rank, in rank order (every rank gets the list)."""

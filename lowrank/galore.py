@@ -201,11 +201,14 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
 
     def layer_info(self) -> list[dict]:
         """Per projected weight: name, shape, rank, side, current gap, SVDs done, next refresh
-        (under ZeRO-1, each row from the rank that owns the weight: a collective)."""
+        (under ZeRO-1, each row from the rank that owns the weight, gathered on rank 0 — which
+        writes the metrics — in a collective; other ranks get their own rows)."""
         rows = self._local_layer_info()
         if self._owner is None:
             return rows
-        everyone = self.parallel.gather(rows)
+        everyone = self.parallel.gather_to_main(rows)
+        if everyone is None:
+            return rows
         owners = [self._owner[p] for p, state in self.state.items() if "projector" in state]
         return [everyone[owner][i] for i, owner in enumerate(owners)]
 

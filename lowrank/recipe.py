@@ -430,7 +430,7 @@ def run_step(session: Session, step: int, measure: bool = False) -> StepResult:
         peak = memory.peak
     ranks = peaks = None
     if parallel is not None:  # the largest rank's memory is the job's
-        peaks = parallel.gather(peak)
+        peaks = parallel.gather_ints(peak)
         peak = max(peaks)
         if measured is not None:
             ranks = parallel.gather(measured)
