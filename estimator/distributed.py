@@ -29,6 +29,7 @@ tests/estimator/test_distributed.py and bench/distributed_accuracy.py.
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from dataclasses import dataclass, replace
 from math import ceil
@@ -93,13 +94,13 @@ def rank_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
 def greedy_partition(groups: list[list[int]], world: int) -> list[list[tuple[int, int]]]:
     """(group, index) of the tensors each rank owns: within each group, largest first, each to the
     rank holding the fewest elements so far (torch's ZeroRedundancyOptimizer, and lowrank.galore)."""
-    sizes = [0] * world
+    fewest = [(0, rank) for rank in range(world)]  # (elements so far, rank): ties go to the lower rank
     owned: list[list[tuple[int, int]]] = [[] for _ in range(world)]
     for g, numels in enumerate(groups):
         for i in sorted(range(len(numels)), key=lambda i: -numels[i]):
-            rank = sizes.index(min(sizes))
+            size, rank = heapq.heappop(fewest)
             owned[rank].append((g, i))
-            sizes[rank] += numels[i]
+            heapq.heappush(fewest, (size + numels[i], rank))
     return owned
 
 
@@ -119,9 +120,15 @@ def optimizer_tensors(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) 
         return galore_tensors(spec, method, setup)
     d = mem.adapter_dtype_bytes(method, setup) if isinstance(method, LoRAConfig) else DTYPE_BYTES[setup.dtype]
     numels = mem.trainable_tensors(spec, method)
-    shapes = _shapes(spec, method, numels)
-    return [[Tensor(n, mem.optimizer_state_bytes([n], [shape], d, method.optimizer) - mem.qmap_bytes([n], method.optimizer),
-                    method.optimizer == "adamw8bit" and n >= ADAM8_MIN_SIZE) for n, shape in zip(numels, shapes)]]
+    alike: dict[tuple, Tensor] = {}  # a model repeats a few shapes hundreds of times
+
+    def tensor(n: int, shape: tuple[int, int] | None) -> Tensor:
+        if (n, shape) not in alike:
+            state = mem.optimizer_state_bytes([n], [shape], d, method.optimizer) - mem.qmap_bytes([n], method.optimizer)
+            alike[n, shape] = Tensor(n, state, method.optimizer == "adamw8bit" and n >= ADAM8_MIN_SIZE)
+        return alike[n, shape]
+
+    return [[tensor(n, shape) for n, shape in zip(numels, _shapes(spec, method, numels))]]
 
 
 def _shapes(spec: ModelSpec, method: MethodConfig, numels: list[int]) -> list[tuple[int, int] | None]:
