@@ -62,6 +62,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from estimator import constants
 from estimator.config import GaLoreConfig, TrainSetup
 from estimator.constants import ADAM8_BLOCK, ADAM8_MIN_SIZE
+from estimator.distributed import greedy_partition
 from estimator.targets import target_linears
 
 from .distributed import Parallel
@@ -308,15 +309,11 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
     # ------------------------------------------------------------------ data parallelism
     def _partition(self) -> dict[Tensor, int]:
         """Which rank owns each trainable tensor: torch's ZeroRedundancyOptimizer rule — each group's
-        tensors, largest first, go to the rank holding the fewest elements so far."""
-        sizes = [0] * self.parallel.world
-        owner = {}
-        for group in self.param_groups:
-            for p in sorted(group["params"], key=lambda t: t.numel(), reverse=True):
-                rank = sizes.index(min(sizes))
-                owner[p] = rank
-                sizes[rank] += p.numel()
-        return owner
+        tensors, largest first, go to the rank holding the fewest elements so far (the estimator
+        deals its ZeRO-1 states with the same function)."""
+        groups = [group["params"] for group in self.param_groups]
+        owned = greedy_partition([[p.numel() for p in params] for params in groups], self.parallel.world)
+        return {groups[g][i]: rank for rank, tensors in enumerate(owned) for g, i in tensors}
 
     def _owns(self, p: Tensor) -> bool:
         return self._owner is None or self._owner[p] == self.parallel.rank
