@@ -18,7 +18,7 @@ accumulation keeps the gradients of earlier micro-batches alive through the last
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from math import ceil
 
 from . import activations as act
@@ -26,7 +26,7 @@ from . import constants
 from . import memory as mem
 from .config import GaLoreConfig, LoRAConfig, MethodConfig, QGaLoreConfig, QLoRAConfig, TrainSetup
 from .constants import CATEGORIES, DTYPE_BYTES
-from .spec import ModelSpec, load_spec
+from .spec import ModelSpec, attention_fallback, load_spec
 from .targets import targets_problem
 
 CUDA_CONTEXT = 512 * 2**20  # CUDA context, cuBLAS and kernel images: not in the allocator's count
@@ -397,7 +397,10 @@ def estimate_spec(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, devi
     `setup.gpus` > 1: estimator/distributed.py)."""
     from . import distributed
 
-    notes = check_against_model(spec, method, setup)
+    attn, attn_note = attention_fallback(spec, setup.attn_implementation)  # what the model really runs
+    if attn != setup.attn_implementation:
+        setup = replace(setup, attn_implementation=attn)
+    notes = check_against_model(spec, method, setup) + ([attn_note] if attn_note else [])
     if setup.gpus > 1:
         moments, terms, shared = distributed.rank_moments(spec, method, setup, device)
     else:

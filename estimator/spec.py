@@ -10,8 +10,10 @@ transformers module's; LoRA and GaLore act per linear layer and need them all.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -191,7 +193,8 @@ def _config_from_dict(data: dict, where: str):
         raise ValueError(f"{where}: model_type={shown(model_type)} is not a transformers architecture this install "
                          f"knows; use a known model_type such as llama, mistral, qwen2, gemma, gpt2, gpt_neox")
     try:
-        return AutoConfig.for_model(model_type, **data)
+        with _quiet_token_warnings():
+            return AutoConfig.for_model(model_type, **data)
     except config_errors() as err:
         raise ValueError(f"{where}: transformers cannot read this {model_type} config ({err.__class__.__name__}: "
                          f"{one_line(err, 200)}); check its values") from None
@@ -259,8 +262,18 @@ def _path_kind(path: Path, source: str) -> str | None:
 
 
 def load_config(source: str, trust_remote_code: bool = False):
-    """A transformers config from a preset name, a config.json path, a model folder or a hub id."""
+    """A transformers config from a preset name, a config.json path, a model folder or a hub id.
+
+    Whatever the source, the config must describe a decoder-only causal LM whose special token
+    ids lie inside its vocabulary (check_config); otherwise ValueError names the problem and the fix.
+    """
     source = _check_source(source)
+    config = _read_config(source, trust_remote_code)
+    check_config(config, f"model={source!r}")
+    return config
+
+
+def _read_config(source: str, trust_remote_code: bool):
     presets = preset_table()
     if source in presets:
         return _config_from_dict(presets[source]["config"], f"preset {source}")
@@ -312,7 +325,8 @@ def _hub_config(repo_id: str, trust_remote_code: bool):
         return ValueError(f"model={repo_id!r} needs its own code from the hub; pass --trust-remote-code if you trust it")
 
     try:  # the local cache first: no network at all
-        return AutoConfig.from_pretrained(repo_id, trust_remote_code=trust_remote_code, local_files_only=True)
+        with _quiet_token_warnings():
+            return AutoConfig.from_pretrained(repo_id, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, *config_errors()) as err:
         if "trust_remote_code" in str(err):
             raise remote_code_error() from None
@@ -320,12 +334,162 @@ def _hub_config(repo_id: str, trust_remote_code: bool):
         raise ValueError(f"model={repo_id!r}: the Hugging Face hub cannot be reached (offline) and it is not in the "
                          f"local cache; give a preset name, a local config.json, or connect to the internet")
     try:
-        return AutoConfig.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
+        with _quiet_token_warnings():
+            return AutoConfig.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
     except (OSError, *config_errors()) as err:
         if "trust_remote_code" in str(err):
             raise remote_code_error() from None
         raise ValueError(f"model={repo_id!r}: no config on the Hugging Face hub ({one_line(err, 160)}); "
                          f"check the id, or log in for gated models") from None
+
+
+DECODER_EXAMPLES = "llama, mistral, qwen2, gemma, gpt2 or gpt_neox"
+SPECIAL_TOKENS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
+@contextlib.contextmanager
+def _quiet_token_warnings():
+    """Without transformers' warning about special token ids outside the vocabulary while a config
+    is built: check_config refuses the ids that break a model in one line, and lets the rest be."""
+    logger = logging.getLogger("transformers.configuration_utils")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "integer within the vocabulary" not in record.getMessage()
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def check_config(config, where: str) -> None:
+    """ValueError unless `config` is a decoder-only causal LM whose special token ids fit its vocabulary."""
+    problem = architecture_problem(config)
+    if problem is None:
+        try:
+            data = config.to_dict()
+        except (TypeError, ValueError, AttributeError, RecursionError):  # spec_from_config names it
+            return
+        problem = token_id_problem(data)
+    if problem:
+        raise ValueError(f"{where}: {problem}")
+
+
+def architecture_problem(config) -> str | None:
+    """Why transformers cannot build `config` as a decoder-only causal LM (one clause with the fix), or None.
+
+    Decoder-only: not an encoder-decoder (`is_encoder_decoder`, e.g. t5, whisper, bart), a class in
+    transformers' causal-LM mapping (or the hub code's own AutoModelForCausalLM), and not an encoder
+    that only attends causally when `is_decoder` is set (bert, roberta, electra, ...: their configs
+    carry `is_decoder` beside `add_cross_attention`; real decoders such as gpt_neox have no cross-attention switch).
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None) or type(config).__name__
+    fix = f"use a decoder-only model such as {DECODER_EXAMPLES}"
+    auto_map = getattr(config, "auto_map", None)
+    remote = isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map
+    if getattr(config, "is_encoder_decoder", False) is True:
+        return (f"{model_type} is an encoder-decoder model, so it cannot be trained or estimated as a "
+                f"decoder-only causal LM; {fix}")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
+        return (f"{model_type} has no causal language model class in transformers (it is not a text decoder), so "
+                f"it cannot be trained or estimated as a decoder-only causal LM; {fix}")
+    if getattr(config, "is_decoder", None) is False and hasattr(config, "add_cross_attention") and not remote:
+        return (f"{model_type} is an encoder (bidirectional attention), so it cannot be trained or estimated as a "
+                f"decoder-only causal LM; {fix}, or set \"is_decoder\": true in its config to make it causal")
+    return None
+
+
+def token_id_problem(data: dict) -> str | None:
+    """Which special token ids (pad, bos, eos: a list too; nested configs such as text_config) lie
+    outside their config's vocabulary, and the fix; None when all fit.
+
+    An id fits when -vocab_size <= id < vocab_size, what torch's Embedding accepts as padding_idx
+    (several hub configs store pad_token_id=-1 and train fine). A config without its own vocab_size
+    (a multimodal one) is checked against its text_config's.
+    """
+    bad: dict[int, list[str]] = {}  # vocab_size -> "field=value" of the ids outside it
+    stack: list[tuple[str, object]] = [("", data)]
+    while stack:
+        prefix, node = stack.pop()
+        if isinstance(node, list):
+            stack.extend((f"{prefix.rstrip('.')}[{i}].", child) for i, child in enumerate(node))
+            continue
+        if not isinstance(node, dict):
+            continue
+        vocab = node.get("vocab_size")
+        if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0:
+            for key in SPECIAL_TOKENS:
+                value = node.get(key)
+                ids = value if isinstance(value, list) else [value]
+                if any(isinstance(i, int) and not isinstance(i, bool) and not -vocab <= i < vocab for i in ids):
+                    bad.setdefault(vocab, []).append(f"{prefix}{key}={shown(value)}")
+        stack.extend((f"{prefix}{key}.", child) for key, child in node.items() if isinstance(child, (dict, list)))
+        text = node.get("text_config")
+        if prefix == "" and vocab is None and isinstance(text, dict) and text.get("vocab_size") is not None:
+            stack.append(("", {**{k: node.get(k) for k in SPECIAL_TOKENS}, "vocab_size": text["vocab_size"]}))
+    if not bad:
+        return None
+    clauses = []
+    for vocab, fields in bad.items():
+        names = " and ".join(f.split("=", 1)[0] for f in fields)
+        verb = "is" if len(fields) == 1 else "are"
+        clauses.append(f"{', '.join(fields)} {verb} outside the vocabulary (vocab_size={vocab}); "
+                       f"set {names} below vocab_size={vocab}, or null")
+    return "; ".join(clauses)
+
+
+@lru_cache(maxsize=256)
+def _causal_lm_class(model_type: str):
+    """transformers' causal-LM class of `model_type`, or None (unknown, or not importable here)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    try:
+        return getattr(transformers, name) if name else None
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+# what each attention implementation needs of the model class (PreTrainedModel.get_correct_attn_implementation)
+ATTENTION_SUPPORT = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
+                     "flash_attention_3": "_supports_flash_attn", "flex_attention": "_supports_flex_attn"}
+
+
+def attention_fallback(config, requested: str) -> tuple[str, str | None]:
+    """The attention implementation a model of `config` (a transformers config, a ModelSpec or a
+    config dict) runs when `requested` is asked for, and a note when that is another one.
+
+    Read from the causal-LM class's own flags (`_supports_sdpa`, ...), which transformers checks
+    when it builds the model: a family without SDPA (gemma2, bloom, gpt_neo, ...) runs eager
+    attention instead (the note says so). Any other implementation the family cannot run is a
+    ValueError naming those it can. Eager always runs; hub code (auto_map) decides for itself.
+    """
+    from .config import ATTN_IMPLEMENTATIONS
+
+    if requested == "eager" or requested not in ATTENTION_SUPPORT:
+        return requested, None
+    data = config.config if isinstance(config, ModelSpec) else config if isinstance(config, dict) else None
+    if data is not None:
+        model_type, auto_map = data.get("model_type"), data.get("auto_map")
+    else:
+        model_type, auto_map = getattr(config, "model_type", None), getattr(config, "auto_map", None)
+    if isinstance(config, ModelSpec):
+        model_type = config.model_type
+    if isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map or not isinstance(model_type, str):
+        return requested, None
+    cls = _causal_lm_class(model_type)
+    supported = getattr(cls, ATTENTION_SUPPORT[requested], None) if cls is not None else None
+    if not isinstance(supported, bool) or supported:
+        return requested, None
+    if requested == "sdpa":
+        return "eager", f"{model_type} does not support sdpa attention; eager attention is used"
+    valid = [a for a in ATTN_IMPLEMENTATIONS if a == "eager" or getattr(cls, ATTENTION_SUPPORT.get(a, ""), False)]
+    raise ValueError(f"attn_implementation={requested} is not supported by {model_type}; use one of "
+                     f"{', '.join(valid)}")
 
 
 def _attr(config, *names, default=None):
@@ -344,7 +508,7 @@ def spec_from_config(config, name: str) -> ModelSpec:
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-    except config_errors() as err:
+    except (*config_errors(), AssertionError) as err:  # torch and some models assert on their arguments
         raise ValueError(f"model={name!r}: transformers cannot build a causal LM from this config "
                          f"({err.__class__.__name__}: {one_line(err, 200)}); check its values") from None
     try:

@@ -54,7 +54,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 from estimator.config import MethodConfig, TrainSetup
 from estimator.constants import torch_dtype
 from estimator.distributed import rank_setup
-from estimator.spec import load_config
+from estimator.spec import attention_fallback, load_config
 
 from .device import FAKE_CUDA_FALLBACK, resolve_device
 from .distributed import Parallel
@@ -87,8 +87,9 @@ def fake_model(config, setup: TrainSetup, mode: FakeTensorMode, device: torch.de
     """
     from transformers import AutoModelForCausalLM
 
+    attn, _ = attention_fallback(config, setup.attn_implementation)  # eager where the family has no SDPA
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=setup.attn_implementation)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     model.to(torch_dtype(setup.dtype))  # what prepare's cast would do, done while it still works
     faked: dict[int, torch.Tensor] = {}
 

@@ -249,14 +249,15 @@ def build_model(spec: RunSpec, setup: TrainSetup) -> tuple[torch.nn.Module, bool
     folder initialized at random (seeded), or a saved model."""
     from transformers import AutoModelForCausalLM
 
-    from estimator.spec import hub_reachable, load_config, preset_names
+    from estimator.spec import attention_fallback, hub_reachable, load_config, preset_names
 
-    source, attn = spec.model, setup.attn_implementation
+    source = spec.model
+    config = load_config(source, spec.trust_remote_code)
+    attn, _ = attention_fallback(config, setup.attn_implementation)  # eager where the family has no SDPA
     path = Path(os.path.expanduser(source))
     torch.manual_seed(spec.seed)
     config_only = path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin"))
     if source in preset_names() or path.suffix == ".json" or config_only:
-        config = load_config(source, spec.trust_remote_code)
         config._attn_implementation = attn
         return AutoModelForCausalLM.from_config(config, attn_implementation=attn), False
     if not path.exists() and not hub_reachable():

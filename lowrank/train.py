@@ -149,6 +149,8 @@ def dry_run_cli(spec: RunSpec) -> int:
                            trust_remote_code=spec.trust_remote_code).to_dict()
     check = compare_memory(predicted.to_dict(), measured)
     print(predicted.describe())
+    for note in predicted.notes:  # e.g. the attention a family without SDPA runs instead
+        print(f"note: {note}")
     ranks = (f"rank 0 of {spec.setup.gpus} (fake process group, shard {spec.setup.shard})"
              if spec.setup.gpus > 1 else "one step")
     print(f"{ranks} on fake {device} tensors ({time.perf_counter() - start:.1f} s) beside the estimate:")
