@@ -42,6 +42,12 @@ partition by size as torch's ZeroRedundancyOptimizer — keeps only their projec
 receives their summed gradient (`reduce`), updates them and broadcasts them after the step.
 Layer-wise updates keep working: the reduction happens in the hook, on the last micro-batch.
 
+GPT-2's Conv1D stores its weight transposed, (in, out). Its gradient is projected as the (out, in)
+weight of the equivalent nn.Linear (`TransposedProjector`): same side, same subspace, same update,
+the moments shaped as that Linear's — a Conv1D model trains as its nn.Linear twin would, square
+layers and explicit proj_type="left"/"right" included. The projected group lists which weights
+are stored so (`fan_in_fan_out`, one flag per parameter, as peft names the same thing).
+
 Against galore-torch 1.0 (same trajectory otherwise, tests/lowrank/test_galore.py): eps and
 weight decay follow torch.optim.AdamW (eps added after the bias correction, decay before the
 step; galore-torch adds eps before and decays after); no m×n temporaries (it makes two per
@@ -68,7 +74,7 @@ from estimator.targets import target_linears
 from .distributed import Parallel
 from .full import save as save  # a model folder, as full training saves
 from .methods import LowRankOptimizer, Prepared
-from .projector import DenseStore, GaLoreProjector, HoldsTensors
+from .projector import DenseStore, GaLoreProjector, HoldsTensors, Refresh
 
 
 def _slices(numel: int) -> Iterator[slice]:
@@ -97,13 +103,33 @@ def _quantize_into(values: Tensor, codes: Tensor, absmax: Tensor, qmap: Tensor) 
     absmax.copy_(new_absmax)
 
 
+class TransposedProjector(GaLoreProjector):
+    """The projector of a weight stored transposed — GPT-2's Conv1D, (in, out) — built with the
+    (out, in) shape of the equivalent nn.Linear: it projects Gᵀ and adds the update into Wᵀ (a view,
+    so still one in-place GEMM), so the weight moves exactly as that Linear's would."""
+
+    def refresh(self, grad: Tensor, step: int) -> Refresh:
+        return super().refresh(grad.T, step)
+
+    def project(self, grad: Tensor) -> Tensor:
+        return super().project(grad.T)
+
+    def project_back(self, low: Tensor) -> Tensor:
+        return super().project_back(low).T
+
+    def add_back_(self, weight: Tensor, low: Tensor, alpha: float, beta: float = 1.0) -> None:
+        super().add_back_(weight.T, low, alpha=alpha, beta=beta)
+
+
 class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
     """AdamW whose groups with a "rank" key project 2-D gradients into a GaLore subspace.
 
     A projected group carries rank, update_proj_gap, scale (as galore-torch's groups) and optionally
-    proj_type ("std"), svd ("randomized" or "exact") and stagger (False); other groups are plain AdamW. States are in the weight dtype, or 8-bit
-    (`optim_bits=8`) for tensors of at least `min_8bit_size` elements. Subclasses (Q-GaLore) may
-    override `make_projector` to hold P quantized or to adapt each layer's refresh gap.
+    proj_type ("std"), svd ("randomized" or "exact"), stagger (False) and fan_in_fan_out (one bool
+    per parameter: True for a weight stored (in, out), as GPT-2's Conv1D; projected as its
+    transpose, see `TransposedProjector`); other groups are plain AdamW. States are in the weight
+    dtype, or 8-bit (`optim_bits=8`) for tensors of at least `min_8bit_size` elements. Subclasses
+    (Q-GaLore) may override `make_projector` to hold P quantized or to adapt each layer's refresh gap.
     It is a `LowRankOptimizer` (lowrank/methods.py): it clips per parameter and reports the norm.
     """
 
@@ -143,11 +169,17 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
         self._owner = self._partition() if parallel is not None and parallel.strategy == "optimizer" else None
         self._hooks = []
         projected = []
+        self._fan_in_fan_out: set[Tensor] = set()  # projected weights stored (in, out)
         for group in (g for g in self.param_groups if "rank" in g):
             for key, default in (("proj_type", "std"), ("svd", "randomized"), ("stagger", False)):
                 group.setdefault(key, default)
             names = group.get("param_names") or [f"param {i}" for i in range(len(group["params"]))]
             projected += [(p, group, name) for p, name in zip(group["params"], names)]
+            flags = group.get("fan_in_fan_out") or [False] * len(group["params"])
+            if len(flags) != len(group["params"]):
+                raise ValueError(f"fan_in_fan_out has {len(flags)} flags for a group of {len(group['params'])} "
+                                 "parameters: give one per parameter")
+            self._fan_in_fan_out.update(p for p, flag in zip(group["params"], flags) if flag)
         for index, (p, group, name) in enumerate(projected):
             self.state[p]["projector"] = self.make_projector(p, group, name, index, len(projected))
         if layerwise:
@@ -159,9 +191,12 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
             raise ValueError(f"GaLore projects 2-D weights; got a parameter of shape {tuple(p.shape)}: "
                              "put it in a group without 'rank'")
         gap = group["update_proj_gap"]
-        return GaLoreProjector(tuple(p.shape), group["rank"], gap, group["scale"], group["proj_type"], group["svd"],
-                               self._weight_dtype(p), offset=index * gap // count if group["stagger"] else 0,
-                               seed=index, name=name, make_store=self._make_store)
+        transposed = p in self._fan_in_fan_out
+        projector = TransposedProjector if transposed else GaLoreProjector
+        shape = (p.shape[1], p.shape[0]) if transposed else tuple(p.shape)  # the equivalent Linear's (out, in)
+        return projector(shape, group["rank"], gap, group["scale"], group["proj_type"], group["svd"],
+                         self._weight_dtype(p), offset=index * gap // count if group["stagger"] else 0,
+                         seed=index, name=name, make_store=self._make_store)
 
     # ------------------------------------------------------------------ the public API
     @property
@@ -484,10 +519,13 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
 def galore_param_groups(model: nn.Module, cfg: GaLoreConfig) -> list[dict]:
     """Two named groups: the targeted linear weights (projected) and every other trainable parameter.
 
-    Raises ValueError when `cfg.rank` exceeds the smaller dimension of a targeted weight.
+    GPT-2's Conv1D weights, stored (in, out), are flagged in the projected group's `fan_in_fan_out`
+    (present only when there are any). Raises ValueError when `cfg.rank` exceeds the smaller
+    dimension of a targeted weight.
     """
-    targets = {id(m.weight): f"{path}.weight" for path, m in target_linears(model, cfg.targets)
-               if m.weight.requires_grad}
+    chosen = [(path, m) for path, m in target_linears(model, cfg.targets) if m.weight.requires_grad]
+    targets = {id(m.weight): f"{path}.weight" for path, m in chosen}
+    transposed = {id(m.weight) for _, m in chosen if type(m).__name__ == "Conv1D"}  # stored (in, out)
     too_small = [(name, tuple(p.shape)) for name, p in model.named_parameters()
                  if id(p) in targets and cfg.rank > min(p.shape)]
     if too_small:
@@ -500,9 +538,11 @@ def galore_param_groups(model: nn.Module, cfg: GaLoreConfig) -> list[dict]:
     for name, p in model.named_parameters():
         if p.requires_grad:
             (projected if id(p) in targets else others).append((name, p))
-    groups = [{"params": projected, "rank": cfg.rank, "update_proj_gap": cfg.update_proj_gap, "scale": cfg.scale,
-               "proj_type": cfg.proj_type, "svd": cfg.svd, "stagger": cfg.stagger}]
-    return groups + ([{"params": others}] if others else [])
+    group = {"params": projected, "rank": cfg.rank, "update_proj_gap": cfg.update_proj_gap, "scale": cfg.scale,
+             "proj_type": cfg.proj_type, "svd": cfg.svd, "stagger": cfg.stagger}
+    if transposed:
+        group["fan_in_fan_out"] = [id(p) in transposed for _, p in projected]
+    return [group] + ([{"params": others}] if others else [])
 
 
 def build_galore_optimizer(model: nn.Module, cfg: GaLoreConfig, lr: float, weight_decay: float = 0.0,

@@ -19,6 +19,13 @@ Adapters are saved in PEFT's format (`adapter_config.json` + `adapter_model.safe
 like `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), so `peft` loads ours and
 we load theirs; peft itself is never imported here.
 
+GPT-2's `Conv1D` (transformers.pytorch_utils; c_attn, c_proj, c_fc) is a linear layer whose weight
+is stored transposed, (in, out). It is adapted exactly like an nn.Linear: A is r×in, B is out×r,
+and only the merge differs (W += (B A)ᵀ · scaling). peft does the same and marks it with
+`fan_in_fan_out: true` in adapter_config.json, which we write when the adapted layers come from
+Conv1D (a QLoRA base quantized from one included); lora_A/lora_B keep their (r, in)/(out, r)
+shapes either way, and peft, like `load_adapter`, decides per layer from its type.
+
     model = apply_lora(model, LoRAConfig(rank=8, alpha=16, targets="all-linear"))
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
     ...
@@ -36,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from estimator.config import LoRAConfig, TrainSetup
-from estimator.targets import target_linears
+from estimator.targets import is_linear, linear_shape, target_linears
 
 from .distributed import Parallel
 from .methods import Prepared
@@ -46,7 +53,18 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def lora_dtype(base_layer: nn.Linear) -> torch.dtype:
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D: a linear layer whose weight is stored (in, out) — peft's `fan_in_fan_out`."""
+    return type(module).__name__ == "Conv1D"
+
+
+def from_conv1d(module: nn.Module) -> bool:
+    """A Conv1D, or a layer built from one (QLoRA's Linear4bit sets `from_conv1d`): the model it
+    belongs to stores this weight (in, out), so its PEFT adapter says `fan_in_fan_out: true`."""
+    return is_conv1d(module) or bool(getattr(module, "from_conv1d", False))
+
+
+def lora_dtype(base_layer: nn.Module) -> torch.dtype:
     """The dtype LoRA factors get by default: the base weight's, or a 4-bit layer's compute dtype."""
     if base_layer.weight.is_floating_point():
         return base_layer.weight.dtype
@@ -57,25 +75,29 @@ class LoRALinear(nn.Module):
     """`base_layer(x) + lora_B(lora_A(dropout(x))) * scaling`, with an exact merge into W.
 
     base_layer is any nn.Linear, bitsandbytes' Linear4bit included (merge then is refused: it
-    would re-quantize W). The factors live on the base weight's device, in `dtype` (default:
-    `lora_dtype(base_layer)`); the input is cast to that dtype and the update back to the output's.
+    would re-quantize W), or GPT-2's Conv1D, whose weight is stored (in, out) (`fan_in_fan_out`:
+    the merge adds the transposed update; the factors are the same). The factors live on the
+    base weight's device, in `dtype` (default: `lora_dtype(base_layer)`); the input is cast to
+    that dtype and the update back to the output's.
     """
 
-    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise ValueError(f"LoRA wraps nn.Linear layers, got {type(base_layer).__name__}; "
-                             "pick targets that are nn.Linear (GPT-2's Conv1D is not supported)")
-        smallest = min(base_layer.in_features, base_layer.out_features)
+        if not is_linear(base_layer):
+            raise ValueError(f"LoRA wraps nn.Linear layers (or GPT-2's Conv1D), got {type(base_layer).__name__}; "
+                             "pick targets that are linear layers")
+        in_features, out_features = linear_shape(base_layer)
+        smallest = min(in_features, out_features)
         if not 1 <= rank <= smallest:
-            raise ValueError(f"rank={rank} does not fit a {base_layer.out_features}×{base_layer.in_features} "
+            raise ValueError(f"rank={rank} does not fit a {out_features}×{in_features} "
                              f"layer; pick a rank between 1 and {smallest}")
         dtype = dtype or lora_dtype(base_layer)
         device = base_layer.weight.device
         self.base_layer = base_layer.requires_grad_(False)  # W is frozen: no gradient is computed for it
-        self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, device=device, dtype=dtype)
+        self.fan_in_fan_out = is_conv1d(base_layer)  # W stored (in, out): merges add (B A)ᵀ
+        self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
         # Identity makes no copy of x; Dropout saves a mask and the dropped copy for backward.
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rank = rank
@@ -97,8 +119,13 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """scaling · B A in fp32, shape (out, in) like the base weight."""
+        """scaling · B A in fp32, shape (out, in) — an nn.Linear weight's (a Conv1D's is its transpose)."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def _stored_delta(self) -> torch.Tensor:
+        """delta_weight laid out as the base weight is stored: (in, out) for a Conv1D."""
+        delta = self.delta_weight()
+        return delta.T if self.fan_in_fan_out else delta
 
     def _check_mergeable(self) -> None:
         if not self.base_layer.weight.is_floating_point():
@@ -112,7 +139,7 @@ class LoRALinear(nn.Module):
             return
         self._check_mergeable()
         weight = self.base_layer.weight
-        weight.copy_(weight.float() + self.delta_weight())
+        weight.copy_(weight.float() + self._stored_delta())
         self.merged = True
 
     @torch.no_grad()
@@ -121,11 +148,12 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         weight = self.base_layer.weight
-        weight.copy_(weight.float() - self.delta_weight())
+        weight.copy_(weight.float() - self._stored_delta())
         self.merged = False
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}"
+        fan = ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
+        return f"rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}{fan}"
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -144,15 +172,18 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _check_layers(layers: list[tuple[str, nn.Module]], rank: int) -> None:
-    """Every chosen layer must be an nn.Linear wide enough for `rank`; one error lists them all."""
+    """Every chosen layer must be linear (nn.Linear, GPT-2's Conv1D) and wide enough for `rank`;
+    one error lists them all."""
     problems = []
     for path, module in layers:
-        if not isinstance(module, nn.Linear):
-            problems.append(f"{path} is a {type(module).__name__}, not nn.Linear (LoRA supports nn.Linear only)")
-        elif rank > min(module.in_features, module.out_features):
+        if not is_linear(module):
+            problems.append(f"{path} is a {type(module).__name__}, not a linear layer "
+                            "(LoRA supports nn.Linear and GPT-2's Conv1D)")
+            continue
+        in_features, out_features = linear_shape(module)
+        if rank > min(in_features, out_features):
             problems.append(f"rank={rank} exceeds the smallest dimension of {path} "
-                            f"({module.out_features}×{module.in_features}); pick rank ≤ "
-                            f"{min(module.in_features, module.out_features)}")
+                            f"({out_features}×{in_features}); pick rank ≤ {min(in_features, out_features)}")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -212,7 +243,8 @@ def peft_target_modules(model: nn.Module) -> list[str]:
 
 def save_adapter(model: nn.Module, cfg: LoRAConfig, directory: str | Path,
                  base_model_name_or_path: str | None = None, state: dict | None = None) -> Path:
-    """Write `adapter_config.json` and `adapter_model.safetensors` as peft 0.21 does."""
+    """Write `adapter_config.json` and `adapter_model.safetensors` as peft 0.21 does
+    (`fan_in_fan_out: true` when the adapted layers are, or were quantized from, GPT-2's Conv1D)."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to save; call apply_lora(model, cfg) first")
@@ -234,7 +266,7 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, directory: str | Path,
         "target_modules": peft_target_modules(model),
         "use_rslora": cfg.use_rslora,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(from_conv1d(layer.base_layer) for layer in layers.values()),
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
@@ -262,12 +294,14 @@ def _read_peft_config(directory: Path) -> dict:
     if not path.is_file():
         raise ValueError(f"{path} does not exist; pass a folder written by save_adapter or peft's save_pretrained")
     config = json.loads(path.read_text())
-    # options that change what the weights mean; absent, null, false or empty are all fine
+    # options that change what the weights mean; absent, null, false or empty are all fine.
+    # fan_in_fan_out is not one of them: the factors are (r, in)/(out, r) either way, and whether
+    # W is stored transposed follows from each layer's type (a Conv1D's is), as in peft.
     supported = {"peft_type": "LORA", "bias": "none"}
     problems = [f"{key}={config.get(key)!r} (only {want!r} is supported)" for key, want in supported.items()
                 if config.get(key) != want]
     problems += [f"{key}={config[key]!r} (not supported)" for key in
-                 ("fan_in_fan_out", "use_dora", "lora_bias", "modules_to_save", "rank_pattern", "alpha_pattern")
+                 ("use_dora", "lora_bias", "modules_to_save", "rank_pattern", "alpha_pattern")
                  if config.get(key)]
     if problems:
         raise ValueError(f"{path}: unsupported adapter options {', '.join(problems)}")

@@ -15,6 +15,12 @@ optimizer projects `weight_grad`, sets it to None, steps, and calls `layer.apply
 right there, so one layer's full gradient is alive at a time. Without hooks `weight_grad` just
 waits for a global `step()`. The grad of `bias` (a normal Parameter) goes to `bias.grad`.
 
+GPT-2's Conv1D (weight stored (in, out)) becomes an Int8Linear like an nn.Linear: its weight is
+transposed to (out, in) before quantization, so the layer computes exactly what a Conv1D holding
+the dequantized weight would, and Q-GaLore projects its gradient as the equivalent Linear's. The
+layer remembers it (`from_conv1d`): `dequantize_model_weights` gives back a Conv1D, so the saved
+model loads into the original architecture.
+
     model = quantize_model_weights(model, QGaLoreConfig(rank=128))
     for name, layer in int8_linears(model):
         layer.register_weight_grad_hook(my_layerwise_step)   # reads layer.weight_grad
@@ -101,6 +107,7 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self.weight_grad: Tensor | None = None
         self.weight_requires_grad = True
+        self.from_conv1d = False  # quantized from GPT-2's Conv1D: dequantizes back into one
         self._weight_grad_hooks: OrderedDict[int, Callable[[Int8Linear], None]] = OrderedDict()
 
     @classmethod
@@ -108,10 +115,12 @@ class Int8Linear(nn.Module):
     def from_linear(cls, linear: nn.Module, group_size: int = 256) -> Int8Linear:
         """Quantize an nn.Linear (or GPT-2's Conv1D, whose weight is (in, out)) into an Int8Linear."""
         weight = linear.weight.detach()
-        if type(linear).__name__ == "Conv1D":
+        conv1d = type(linear).__name__ == "Conv1D"
+        if conv1d:
             weight = weight.T
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, bias=linear.bias is not None, group_size=group_size, device="meta")
+        layer.from_conv1d = conv1d
         layer.weight_codes, layer.weight_scales, layer.weight_offsets = quantize(weight, 8, group_size)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
@@ -478,7 +487,8 @@ def build_qgalore_optimizer(model: nn.Module, cfg: QGaLoreConfig, lr: float, wei
 
 @torch.no_grad()
 def dequantize_model_weights(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every Int8Linear by an nn.Linear holding its dequantized weight, in place.
+    """Replace every Int8Linear by an nn.Linear holding its dequantized weight, in place (by a
+    Conv1D holding it transposed, (in, out), when the layer was quantized from one).
 
     What a finished Q-GaLore run saves: a plain model any transformers code can load (and a
     base to fine-tune). `dtype` defaults to the dtype of the model's other parameters.
@@ -486,11 +496,21 @@ def dequantize_model_weights(model: nn.Module, dtype: torch.dtype | None = None)
     floats = [p for p in model.parameters() if p.is_floating_point()]
     dtype = dtype or (floats[0].dtype if floats else torch.float32)
     for name, layer in int8_linears(model):
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                           device=layer.weight_codes.device, dtype=dtype)
-        linear.weight.copy_(layer.dequantize_weight(dtype))
-        if layer.bias is not None:
-            linear.bias.copy_(layer.bias)
+        device = layer.weight_codes.device
+        if layer.from_conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            with torch.device("meta"):
+                linear = Conv1D(layer.out_features, layer.in_features)
+            linear.weight = nn.Parameter(layer.dequantize_weight(dtype).T.contiguous())
+            linear.bias = nn.Parameter(torch.zeros(layer.out_features, device=device, dtype=dtype)
+                                       if layer.bias is None else layer.bias.detach().to(dtype).clone())
+        else:
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                               device=device, dtype=dtype)
+            linear.weight.copy_(layer.dequantize_weight(dtype))
+            if layer.bias is not None:
+                linear.bias.copy_(layer.bias)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, linear)
     return model

@@ -5,7 +5,9 @@ stored as 4-bit NF4 (or FP4) codes, two per byte, in blocks of 64 values with on
 block; double quantization stores those absmax values in 8 bits (blocks of 256, one fp32 constant
 each, plus one fp32 offset). Then LoRA wraps the targets, with factors in `compute_dtype`.
 Embeddings, norms and `lm_head` keep their dtype: no fp32 upcast of the rest of the model
-(peft's `prepare_model_for_kbit_training` makes one).
+(peft's `prepare_model_for_kbit_training` makes one). GPT-2's Conv1D layers (weight stored
+(in, out)) become Linear4bit layers too: the weight is transposed to (out, in) before
+quantization, so the 4-bit bytes are those of the equivalent nn.Linear.
 
     y = dequant(W4) x + (B A x) · scaling        W4 frozen; A, B trainable in compute_dtype
 
@@ -29,27 +31,32 @@ from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
 from estimator.config import QLoRAConfig, TrainSetup
 from estimator.constants import NF4_BLOCK, torch_dtype
-from estimator.targets import target_linears
+from estimator.targets import linear_shape, target_linears
 
 from .distributed import Parallel
-from .lora import _replace, adapters_prepared, apply_lora, lora_layers
+from .lora import _replace, adapters_prepared, apply_lora, is_conv1d, lora_layers
 from .lora import save as save  # a QLoRA adapter is a LoRA adapter (PEFT format)
 from .methods import Prepared
 
 
-def quantize_linear(linear: nn.Linear, cfg: QLoRAConfig) -> Linear4bit:
+def quantize_linear(linear: nn.Module, cfg: QLoRAConfig) -> Linear4bit:
     """A Linear4bit holding `linear`'s weight quantized on its own device (CPU or CUDA).
 
-    The weight is cast to compute_dtype first, so that bitsandbytes dequantizes straight into
-    the compute dtype (forward and backward) with no extra cast of a full weight.
+    `linear`: an nn.Linear, or GPT-2's Conv1D, whose (in, out) weight is transposed to the
+    (out, in) Linear4bit computes with; the layer then carries `from_conv1d = True` (its PEFT
+    adapter says `fan_in_fan_out`). The weight is cast to compute_dtype first, so that
+    bitsandbytes dequantizes straight into the compute dtype (forward and backward) with no extra
+    cast of a full weight.
     """
     compute_dtype = torch_dtype(cfg.compute_dtype)
-    weight = linear.weight.detach().to(compute_dtype).contiguous()
+    in_features, out_features = linear_shape(linear)
+    weight = linear.weight.detach()
+    weight = (weight.T if is_conv1d(linear) else weight).to(compute_dtype).contiguous()  # (out, in)
     codes, state = bnb.functional.quantize_4bit(weight, blocksize=NF4_BLOCK, compress_statistics=cfg.double_quant,
                                                 quant_type=cfg.quant_type)
     # built on "meta" so no full-precision weight is allocated, then given the quantized one
     with unset_fake_temporarily():  # real meta tensors even in a dry run: Params4bit cannot wrap fake ones
-        layer = Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+        layer = Linear4bit(in_features, out_features, bias=linear.bias is not None,
                            compute_dtype=compute_dtype, compress_statistics=cfg.double_quant,
                            quant_type=cfg.quant_type, device="meta")
     layer.weight = _quantized_parameter(codes, state, cfg, layer)
@@ -59,6 +66,7 @@ def quantize_linear(linear: nn.Linear, cfg: QLoRAConfig) -> Linear4bit:
     # On CPUs with AVX512-BF16, an eval forward without grad would repack the weight in place into
     # an inference-only layout (other bytes, other rounding, no backward); keep one layout.
     layer.support_avx512bf16_for_cpu = False
+    layer.from_conv1d = is_conv1d(linear)
     return layer
 
 
@@ -79,16 +87,17 @@ def _quantized_parameter(codes: torch.Tensor, state, cfg: QLoRAConfig, layer: Li
 
 
 def quantize_linears(model: nn.Module, cfg: QLoRAConfig) -> nn.Module:
-    """Replace every linear layer inside the decoder blocks by its 4-bit version, in place."""
+    """Replace every linear layer inside the decoder blocks (nn.Linear, GPT-2's Conv1D) by its
+    4-bit version, in place."""
     if lora_layers(model):
         raise ValueError("the model already has LoRA layers; quantize it first (apply_qlora does both)")
     layers = target_linears(model, "all-linear")
     problems = [f"{path} is already 4-bit" if isinstance(m, Linear4bit) else
-                f"{path} is a {type(m).__name__}, not nn.Linear" for path, m in layers
-                if isinstance(m, Linear4bit) or not isinstance(m, nn.Linear)]
+                f"{path} is a {type(m).__name__}, not nn.Linear or Conv1D" for path, m in layers
+                if isinstance(m, Linear4bit) or not (isinstance(m, nn.Linear) or is_conv1d(m))]
     if problems:
         raise ValueError(f"cannot quantize: {'; '.join(problems[:3])}; apply QLoRA to a full-precision "
-                         "model built from nn.Linear (Llama family)")
+                         "model built from nn.Linear or GPT-2's Conv1D")
     for path, linear in layers:
         _replace(model, path, quantize_linear(linear, cfg))
     return model
