@@ -72,11 +72,28 @@ class Flow:
 @dataclass(frozen=True)
 class BackwardStep:
     """A moment inside one block's backward: which saved parts are still alive, which of the
-    block's parameters already have gradients, and the temporaries of the op running then."""
+    block's parameters already have gradients, and the temporaries of the op running then.
+
+    A traced profile (estimator/profile.py) gives bytes instead of names: `alive_bytes` of the
+    block's saved tensors, and `made_share` of the block's gradients made so far."""
 
     alive: tuple[str, ...]
     grads_of: tuple[str, ...]
     transient: int
+    alive_bytes: int | None = None
+    made_share: float | None = None
+
+
+def step_alive(parts: dict[str, int], step: BackwardStep) -> int:
+    """The block's saved bytes still alive at `step`."""
+    return step.alive_bytes if step.alive_bytes is not None else sum(parts[p] for p in step.alive)
+
+
+def step_made(step: BackwardStep, block_grads: dict[str, int]) -> int:
+    """The block's gradient bytes made by `step` (`block_grads`: all of them, by parameter group)."""
+    if step.made_share is not None:
+        return round(step.made_share * sum(block_grads.values()))
+    return sum(block_grads.get(k, 0) for k in step.grads_of)
 
 
 # ---------------------------------------------------------------------------- shared pieces
@@ -350,6 +367,68 @@ def neox_backward_steps(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> li
     ]
 
 
+# ---------------------------------------------------------------------------- traced families
+
+
+def traced(spec: ModelSpec) -> bool:
+    """A family without named formulas: its activations come from a traced profile."""
+    return spec.family == "traced"
+
+
+def profile(spec: ModelSpec, flow: Flow, seq: int):
+    """The traced activation profile (estimator/profile.py) of what `flow` saves."""
+    from .profile import TraceKey, traced_profile
+
+    key = TraceKey(dtype="fp32" if flow.autocast or flow.d == 4 else "bf16", trainable=flow.base_trainable,
+                   lora_targets=tuple(sorted(flow.lora_targets)), attn=flow.attn, autocast=flow.autocast,
+                   padded=flow.padded)
+    return traced_profile(spec, key, seq)
+
+
+def lora_saved(flow: Flow, layer, tokens: int) -> dict[str, int]:
+    """What LoRA adds to a traced layer, by part: each target's rank-r lora_A output, and its input —
+    once per tensor that no other op keeps already (without dropout; under autocast an fp32 input
+    is cast by each consumer), or its own dropout output and mask (with dropout)."""
+    out: dict[str, int] = {}
+    seen: set[int] = set()
+    for lin in layer.linears:
+        extra = tokens * flow.lora_rank * flow.d
+        if flow.lora_dropout > 0:
+            mask = flow.mask_bytes_of(lin.itemsize) if lin.input_grad else 0
+            extra += tokens * lin.width * (flow.d + mask)
+        elif flow.autocast and lin.itemsize == 4:
+            extra += tokens * lin.width * flow.d
+        elif not lin.already_saved and lin.storage not in seen:
+            extra += tokens * lin.width * lin.itemsize
+        seen.add(lin.storage)
+        out[lin.part] = out.get(lin.part, 0) + extra
+    return out
+
+
+def traced_layer_saved(flow: Flow, layer, batch: int, seq: int) -> dict[str, int]:
+    parts = {part: poly(batch, seq) for part, poly in layer.saved.items()}
+    if flow.lora_targets:
+        for part, extra in lora_saved(flow, layer, batch * seq).items():
+            parts[part] = parts.get(part, 0) + extra
+    return parts
+
+
+def traced_block_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int, first: bool) -> dict[str, int]:
+    """The first layer's saved bytes by part, or the last layer's (the top of backward)."""
+    p = profile(spec, flow, seq)
+    return traced_layer_saved(flow, p.layers[0] if first else p.layers[p.last], batch, seq)
+
+
+def traced_backward_steps(spec: ModelSpec, flow: Flow, batch: int, seq: int, first: bool) -> list[BackwardStep]:
+    """The traced moments of a layer's backward (LoRA's own saved tensors counted alive throughout)."""
+    p = profile(spec, flow, seq)
+    layer = p.layers[0] if first else p.layers[p.last]
+    lora = sum(lora_saved(flow, layer, batch * seq).values()) if flow.lora_targets else 0
+    total = p.grad_bytes.get(layer.index, 0)
+    return [BackwardStep((), (), step.transient(batch, seq), alive_bytes=step.alive(batch, seq) + lora,
+                         made_share=step.made / total if total else 1.0) for step in layer.steps]
+
+
 # ---------------------------------------------------------------------------- a whole step
 
 BLOCKS = {
@@ -361,12 +440,33 @@ BLOCKS = {
 
 
 def block_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int, first: bool = False) -> dict[str, int]:
-    """Saved bytes of one decoder block by part (the first block differs under LoRA)."""
+    """Saved bytes of one decoder block by part (the first block differs under LoRA; a traced
+    family's other blocks are its last block's kind)."""
+    if traced(spec):
+        return traced_block_saved(spec, flow, batch, seq, first)
     return BLOCKS[spec.family][0](spec, flow, batch, seq, first)
 
 
-def block_backward_steps(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> list[BackwardStep]:
+def block_backward_steps(spec: ModelSpec, flow: Flow, batch: int, seq: int, first: bool = False) -> list[BackwardStep]:
+    if traced(spec):
+        return traced_backward_steps(spec, flow, batch, seq, first)
     return BLOCKS[spec.family][1](spec, flow, batch, seq)
+
+
+def blocks_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
+    """Every decoder block's saved bytes (no checkpointing)."""
+    if traced(spec):
+        p = profile(spec, flow, seq)
+        return sum(layer.count * sum(traced_layer_saved(flow, layer, batch, seq).values()) for layer in p.layers)
+    first = sum(block_saved(spec, flow, batch, seq, first=True).values())
+    return first + (spec.num_layers - 1) * sum(block_saved(spec, flow, batch, seq).values())
+
+
+def shared_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
+    """Saved once for all blocks: RoPE's tables (a traced family: whatever its layers share)."""
+    if traced(spec):
+        return profile(spec, flow, seq).shared(batch, seq)
+    return rotary_tables(spec, flow, seq)
 
 
 def checkpointed_layer_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
@@ -401,6 +501,8 @@ def token_ids(flow: Flow, batch: int, seq: int) -> int:
 def checkpointed_shared(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
     """Inputs every checkpointed block shares: RoPE's tables and the attention mask — eager's
     (b, 1, s, s) in the model dtype, SDPA's boolean one when batches are padded."""
+    if traced(spec):
+        return profile(spec, flow, seq).shared(batch, seq)
     mask = batch * seq * seq * flow.d if flow.attn == "eager" else (batch * seq * seq if flow.padded else 0)
     return mask + rotary_tables(spec, flow, seq)
 
@@ -415,6 +517,8 @@ def head_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> dict[str, i
     """
     tokens = batch * seq
     h, V = spec.hidden_size, spec.vocab_size
+    if traced(spec):  # the traced loss covers the log-softmax, the labels and any soft-capping
+        return {part: poly(batch, seq) for part, poly in profile(spec, flow, seq).head.items()}
     if spec.family in ("gpt2", "gpt_neox"):
         final_norm = layernorm_saved(spec, flow, tokens)
     else:
@@ -433,13 +537,18 @@ def head_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> dict[str, i
 
 
 def loss_forward_transient(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
-    """At the log-softmax: the logits in the model dtype and, in bf16/fp16, their fp32 copy."""
+    """At the log-softmax: the logits in the model dtype and, in bf16/fp16, their fp32 copy
+    (a traced family: everything alive there beyond the saved tensors, masks included)."""
+    if traced(spec):
+        return profile(spec, flow, seq).forward_transient(batch, seq)
     tokens, V = batch * seq, spec.vocab_size
     return tokens * V * flow.d + (tokens * V * 4 if flow.d < 4 else 0)
 
 
 def loss_backward_transient(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
     """At the log-softmax backward: the nll gradient and the log-softmax gradient (fp32, b·s·V each)."""
+    if traced(spec):
+        return profile(spec, flow, seq).loss_backward_transient(batch, seq)
     return 2 * batch * seq * spec.vocab_size * 4
 
 
@@ -447,6 +556,8 @@ def forward_transient(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
     """Alive through the forward only: eager attention's (b, 1, s, s) causal mask in the model
     dtype, and under autocast with checkpointing the autocast cache's bf16 weight copies (the
     checkpointed blocks do not save them, the cache holds them until autocast exits)."""
+    if traced(spec):  # in loss_forward_transient
+        return 0
     mask = batch * seq * seq * flow.d if flow.attn == "eager" else 0
     mask += batch * seq * seq if flow.padded and flow.attn != "eager" else 0  # SDPA's boolean mask
     cast = spec.linear_params if flow.cast_linear_params is None else flow.cast_linear_params
@@ -459,6 +570,12 @@ def activation_terms(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> dict[
     if flow.checkpointing:
         layers = {"checkpointed block inputs": spec.num_layers * checkpointed_layer_saved(spec, flow, batch, seq),
                   "checkpointed shared inputs": checkpointed_shared(spec, flow, batch, seq)}
+    elif traced(spec):
+        layers = {}
+        for layer in profile(spec, flow, seq).layers:
+            for k, v in traced_layer_saved(flow, layer, batch, seq).items():
+                layers[f"blocks: {k}"] = layers.get(f"blocks: {k}", 0) + layer.count * v
+        layers["blocks: shared (RoPE tables, masks)"] = shared_saved(spec, flow, batch, seq)
     else:
         first = block_saved(spec, flow, batch, seq, first=True)
         other = block_saved(spec, flow, batch, seq, first=False)

@@ -295,7 +295,7 @@ def fsdp_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
         previous = root_w if k == 0 else block_w
         gathered = root_w + (block_w if reshard else (k + 1) * block_w) + block_w  # + the copy-out's source
         activations = k * sum(saved_block.values()) + act.token_ids(flow, b, s) + \
-            (act.rotary_tables(spec, flow, s) if k else 0)
+            (act.shared_saved(spec, flow, b, s) if k else 0)
         if flow.checkpointing:
             activations = k * act.checkpointed_layer_saved(spec, flow, b, s) + act.token_ids(flow, b, s) + \
                 act.checkpointed_shared(spec, flow, b, s)
@@ -325,15 +325,16 @@ def fsdp_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
         prefetch = block_w if reshard and below > 0 else 0
         pending = block_rs if above > 0 else 0
         done = head_grads + (0 if accumulated else above * block_grad_shard)
-        for step in act.block_backward_steps(spec, flow, b, s):
-            made = sum(block_grads.get(k, 0) for k in step.grads_of)
+        for step in act.block_backward_steps(spec, flow, b, s, first=below == 0):
+            made = act.step_made(step, block_grads)
             if flow.checkpointing:
                 activations = (below + 1) * act.checkpointed_layer_saved(spec, flow, b, s) + \
                     act.checkpointed_shared(spec, flow, b, s) + act.token_ids(flow, b, s)
-                recomputed = sum(parts[p] for p in step.alive)
+                recomputed = act.step_alive(parts, step)
             else:
-                activations = sum(parts[p] for p in step.alive) + below * sum(other.values()) + \
-                    act.rotary_tables(spec, flow, s) + act.token_ids(flow, b, s)
+                waiting = sum(bottom.values()) + (below - 1) * sum(other.values()) if below else 0
+                activations = act.step_alive(parts, step) + waiting + \
+                    act.shared_saved(spec, flow, b, s) + act.token_ids(flow, b, s)
                 recomputed = 0
             candidate = moment(gathered, done + made, activations, recomputed + step.transient + prefetch + pending)
             key = f"backward: {where}"

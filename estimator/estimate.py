@@ -147,7 +147,8 @@ def check_against_model(spec: ModelSpec, method: MethodConfig, setup: TrainSetup
     if setup.autocast and spec.family not in ("llama", "gemma"):
         notes.append(f"autocast is modeled for the Llama family; {spec.model_type} is approximate")
     if not spec.exact_family:
-        notes.append(f"{spec.model_type} has no activation model of its own; estimated as a Llama-like model")
+        notes.append(f"{spec.model_type}: activations traced from transformers' own forward on CPU kernels "
+                     f"(no named formulas for this family)")
     return notes
 
 
@@ -317,24 +318,28 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
     tied_new = spec.vocab_size * spec.hidden_size * d if spec.tie_word_embeddings and flow.embeddings_trainable else 0
     n = spec.num_layers
     out = {}
+    all_blocks = 0 if flow.checkpointing else act.blocks_saved(spec, flow, b, s)
     for where, first in (("top block", False), ("bottom block", True)):
         parts = act.block_saved(spec, flow, b, s, first=first)
-        other = act.block_saved(spec, flow, b, s, first=not first)
         candidates = []
         had: tuple[str, ...] = ()
-        for step in act.block_backward_steps(spec, flow, b, s):
-            alive = sum(parts[p] for p in step.alive)
-            made = sum(block_grads.get(k, 0) for k in step.grads_of)
-            newest = max([block_grads.get(k, 0) for k in step.grads_of if k not in had], default=0)
+        made_before = 0
+        for step in act.block_backward_steps(spec, flow, b, s, first=first):
+            alive = act.step_alive(parts, step)
+            made = act.step_made(step, block_grads)
+            if step.made_share is not None:  # traced: the gradients made since the previous moment
+                newest, made_before = made - made_before, made
+            else:
+                newest = max([block_grads.get(k, 0) for k in step.grads_of if k not in had], default=0)
             had = step.grads_of
             if flow.checkpointing:
                 ckpt = act.checkpointed_layer_saved(spec, flow, b, s)
                 shared = act.checkpointed_shared(spec, flow, b, s)
                 activations = (n if where == "top block" else 1) * ckpt + shared + act.token_ids(flow, b, s)
                 recomputed = alive
-            else:
-                activations = alive + ((n - 1) * sum(other.values()) if where == "top block" else 0)
-                activations += act.rotary_tables(spec, flow, s) + act.token_ids(flow, b, s)
+            else:  # at the top, every other block's saved tensors wait
+                activations = alive + (all_blocks - sum(parts.values()) if where == "top block" else 0)
+                activations += act.shared_saved(spec, flow, b, s) + act.token_ids(flow, b, s)
                 recomputed = 0
             if before:  # accumulating: each new gradient is added to the old one as soon as it is made
                 gradients = before  # a tied embedding's lm_head side waits in autograd's buffer
@@ -361,7 +366,7 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
             if flow.checkpointing:
                 blocks = n * act.checkpointed_layer_saved(spec, flow, b, s) + act.checkpointed_shared(spec, flow, b, s)
             else:
-                blocks = sum(parts.values()) + (n - 1) * sum(other.values()) + act.rotary_tables(spec, flow, s)
+                blocks = all_blocks + act.shared_saved(spec, flow, b, s)
             blocks += act.token_ids(flow, b, s)
             if before:  # the head's new gradients wait beside every block's activations until added
                 candidates.append((before, blocks, head_grads))

@@ -108,7 +108,8 @@ def block_norm_params(spec: ModelSpec) -> int:
 
 def block_gradient_bytes(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -> dict[str, int]:
     """Gradient bytes of one decoder block's trainable parameters: linears as "group.short",
-    the two norms as "norm1" and "norm2" (full-rank methods train the norms too)."""
+    the two norms as "norm1" and "norm2" (full-rank methods train the norms too), and a block's
+    share of the parameters in none of those groups as "other" (MoE experts' fused tensors)."""
     if isinstance(method, LoRAConfig):
         d = adapter_dtype_bytes(method, setup)
         return {f"{lin.group}.{lin.short}": method.rank * (lin.in_features + lin.out_features) * d
@@ -116,7 +117,8 @@ def block_gradient_bytes(spec: ModelSpec, method: MethodConfig, setup: TrainSetu
     d = DTYPE_BYTES[setup.dtype]
     grads = {f"{lin.group}.{lin.short}": lin.numel * d for lin in spec.linears}
     norm = block_norm_params(spec) // 2 * d
-    return {**grads, "norm1": norm, "norm2": norm}
+    other = {"other": spec.other_params // spec.num_layers * d} if spec.other_params else {}  # MoE experts, ...
+    return {**grads, "norm1": norm, "norm2": norm, **other}
 
 
 def head_gradient_bytes(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -> int:

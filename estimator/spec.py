@@ -25,8 +25,9 @@ from .config import shown
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 # The activation model of estimator/activations.py follows these module structures.
+# Every other family's activations are traced from its own forward (estimator/profile.py).
 FAMILIES = {
-    "llama": "llama", "mistral": "llama", "qwen2": "llama", "mixtral": "llama", "olmo2": "llama",
+    "llama": "llama", "mistral": "llama", "qwen2": "llama",
     "gemma": "gemma",
     "gpt2": "gpt2",
     "gpt_neox": "gpt_neox",
@@ -56,7 +57,7 @@ class ModelSpec:
     name: str
     model_type: str
     family: str
-    exact_family: bool  # False: an unknown architecture estimated with the Llama activation model
+    exact_family: bool  # False: no named activation formulas; the profile is traced (family "traced")
     hidden_size: int
     intermediate_size: int
     num_layers: int
@@ -574,7 +575,7 @@ def _spec_from_model(model, config, name: str) -> ModelSpec:
     return ModelSpec(
         name=name,
         model_type=config.model_type,
-        family=family or "llama",
+        family=family or "traced",
         exact_family=family is not None,
         hidden_size=hidden,
         intermediate_size=_attr(config, "intermediate_size", "n_inner", default=None) or 4 * hidden,

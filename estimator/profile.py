@@ -1,0 +1,673 @@
+"""Activation profiles traced from a model's own forward: every family transformers ships.
+
+The named formulas of estimator/activations.py describe the Llama, GPT-2 and GPT-NeoX blocks
+op by op. Other families differ in ways a formula has to be written for — QK-norm, extra norms
+around the MLP, soft-capping, sliding windows, MoE routing, parallel blocks, LayerNorm biases —
+so for them the profile is measured instead, from the model's own code:
+
+1. The model is built on the meta device and its tensors become fake tensors (shapes, no
+   memory). Decoder layers that repeat an earlier layer's structure are replaced by a
+   pass-through, so only one layer of each kind runs (plus the first, which differs when the
+   embeddings are frozen).
+2. One forward and backward at four shapes (batch 1 and 2 × two sequence lengths) are traced:
+   every storage an operator creates, which module created it, which module saved it for
+   backward, when it died, and which parameter's gradient it became.
+3. Every byte count is solved exactly for `a·b·s + c·b·s² + e·s + f·s² + g` (b·s: tokens, b·s²:
+   attention scores and masks, s and s²: tables shared by the batch), by part: the child
+   module of a layer that saved it ("self_attn", "mlp", "input_layernorm", ...), tensors
+   shared by all layers (RoPE tables, masks), the final norm, lm_head's input and the loss.
+
+A profile depends on what the step saves — the trainability of the weights, which linears
+carry LoRA, the dtype, the attention kernel, autocast, padding — so it is cached per config and
+per such `TraceKey` (a new one costs a fraction of a second to a second and a half; a cached
+one is a few polynomial evaluations). LoRA's own tensors (the rank-r output of lora_A, its
+input or dropout copy) are added by rule, from each target linear's traced input, so the rank
+and the dropout never need a trace of their own. Tracing runs CPU kernels (fake CUDA needs a
+CUDA build of PyTorch): on CUDA the profile is that of the same kernels' CPU versions.
+
+    profile = traced_profile(spec, key, seq_len=256)
+    profile.layers[0].saved["self_attn"](b, s)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import weakref
+from dataclasses import dataclass, field
+from fractions import Fraction
+from functools import lru_cache
+
+from .spec import ModelSpec
+
+# Traced shapes. Batch 1 and lengths equal to a model dimension can take other code paths (a
+# copy skipped because a tensor is already contiguous), so neither is traced.
+BATCHES = (2, 3)
+SHORT_SEQS = (24, 40, 56)  # below a sliding window
+HEAD_PARTS = ("final norm", "lm_head input", "logits and loss")
+
+
+@dataclass(frozen=True)
+class Poly:
+    """Bytes as a function of batch size b and sequence length s: a·b·s + c·b·s² + e·s + f·s² + g."""
+
+    bs: Fraction = Fraction(0)
+    bss: Fraction = Fraction(0)
+    s: Fraction = Fraction(0)
+    ss: Fraction = Fraction(0)
+    const: Fraction = Fraction(0)
+
+    def __post_init__(self) -> None:  # evaluated in floats: exact for any realistic byte count
+        object.__setattr__(self, "_f", tuple(float(x) for x in (self.bs, self.bss, self.s, self.ss, self.const)))
+
+    def __call__(self, b: int, s: int) -> int:
+        bs, bss, s1, ss, const = self._f
+        return max(0, round(b * s * (bs + bss * s) + s * (s1 + ss * s) + const))
+
+    def __add__(self, other: Poly) -> Poly:
+        return Poly(self.bs + other.bs, self.bss + other.bss, self.s + other.s, self.ss + other.ss,
+                    self.const + other.const)
+
+    def dominates(self, other: Poly) -> bool:
+        return (self.bs >= other.bs and self.bss >= other.bss and self.s >= other.s and self.ss >= other.ss
+                and self.const >= other.const)
+
+    @staticmethod
+    def fit(values: dict[tuple[int, int], int]) -> Poly:
+        """The exact polynomial through the traced points: two batch sizes at the two shortest
+        sequence lengths (the per-sequence terms), the smaller batch at three (the shared ones)."""
+        seqs = sorted({s for _, s in values})
+        s1, s2 = seqs[:2]
+        b1, b2 = BATCHES
+        per_batch = {s: values[(b2, s)] - values[(b1, s)] for s in (s1, s2)}  # a·s + c·s²
+        det = Fraction(s1 * s2 * s2 - s2 * s1 * s1)
+        c = (Fraction(per_batch[s2]) * s1 - Fraction(per_batch[s1]) * s2) / det
+        a = (Fraction(per_batch[s1]) - c * s1 * s1) / s1
+        # e·s + f·s² + g through three points (Lagrange's form of the quadratic)
+        shared = {s: Fraction(values[(b1, s)]) - b1 * (a * s + c * s * s) for s in seqs}
+        x1, x2, x3 = seqs
+        y1, y2, y3 = shared[x1], shared[x2], shared[x3]
+        d1, d2, d3 = (x1 - x2) * (x1 - x3), (x2 - x1) * (x2 - x3), (x3 - x1) * (x3 - x2)
+        f = y1 / d1 + y2 / d2 + y3 / d3
+        e = -(y1 * (x2 + x3) / d1 + y2 * (x1 + x3) / d2 + y3 * (x1 + x2) / d3)
+        g = y1 * x2 * x3 / d1 + y2 * x1 * x3 / d2 + y3 * x1 * x2 / d3
+        return Poly(a, c, e, f, g)
+
+
+ZERO = Poly()
+
+
+@dataclass(frozen=True)
+class PolyMax:
+    """The largest of several moments' byte counts (which one is largest depends on b and s)."""
+
+    polys: tuple[Poly, ...] = ()
+
+    def __call__(self, b: int, s: int) -> int:
+        return max((p(b, s) for p in self.polys), default=0)
+
+    @staticmethod
+    def fit(series: dict[tuple[int, int], list[int]]) -> PolyMax:
+        """One polynomial per moment when every shape traced the same moments; otherwise each
+        shape's largest, fitted together."""
+        lengths = {len(v) for v in series.values()}
+        if len(lengths) == 1:
+            polys = [Poly.fit({p: v[k] for p, v in series.items()}) for k in range(lengths.pop())]
+        else:
+            polys = [Poly.fit({p: max(v, default=0) for p, v in series.items()})]
+        kept: list[Poly] = []
+        for poly in polys:
+            if not any(k.dominates(poly) for k in kept):
+                kept = [k for k in kept if not poly.dominates(k)] + [poly]
+        return PolyMax(tuple(kept))
+
+
+@dataclass(frozen=True)
+class TraceKey:
+    """What decides the tensors a step saves (estimator/activations.py's Flow, minus LoRA's rank
+    and dropout, which are added by rule)."""
+
+    dtype: str  # "fp32" | "bf16" | "fp16": the model's dtype
+    trainable: bool  # full-rank methods: every weight trains; False: frozen (LoRA, QLoRA)
+    lora_targets: tuple[str, ...] = ()  # frozen: the short names of the linears that carry LoRA
+    attn: str = "sdpa"
+    autocast: bool = False
+    padded: bool = False
+
+
+@dataclass(frozen=True)
+class LinearInput:
+    """A target linear's input in a traced layer: its width, whether another op already keeps
+    that storage for backward, which other target reads the same storage, and whether a
+    gradient flows into it (a frozen model's first layer: not)."""
+
+    part: str
+    short: str
+    width: int
+    storage: int  # an id shared by linears that read the same tensor
+    already_saved: bool
+    input_grad: bool
+    itemsize: int  # bytes per element of the input as the linear receives it
+
+
+@dataclass(frozen=True)
+class TracedStep:
+    """A moment of one layer's backward: the layer's saved bytes still alive, its parameters'
+    gradient bytes made so far (in the traced dtype), and the other tensors alive then."""
+
+    alive: Poly
+    made: int
+    transient: Poly
+
+
+@dataclass(frozen=True)
+class TracedLayer:
+    """One traced decoder layer standing for `count` layers of the model."""
+
+    index: int  # its index in the model
+    count: int
+    saved: dict[str, Poly]
+    steps: tuple[TracedStep, ...]
+    linears: tuple[LinearInput, ...]
+
+
+@dataclass(frozen=True)
+class Profile:
+    layers: tuple[TracedLayer, ...]  # layer 0 first
+    last: int  # which entry of `layers` stands for the model's last layer
+    shared: Poly  # saved by several layers, made outside them: RoPE tables, masks
+    embedding: Poly  # saved by the embeddings (the token ids)
+    head: dict[str, Poly]  # HEAD_PARTS
+    forward_transient: PolyMax  # at the loss, beyond every saved tensor (logits and their copies)
+    loss_backward_transient: PolyMax  # the loss's backward, before the first head gradient
+    grad_bytes: dict[int, int] = field(default_factory=dict)  # per traced layer: all of its gradients
+    kinds: int = 1
+
+
+# ---------------------------------------------------------------------------- tracing
+
+
+def _fake_mode():
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    class Mode(FakeTensorMode):  # reading a float gives NaN (lowrank/dryrun.py's DryRunMode)
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default and args[0].is_floating_point():
+                return math.nan
+            return super().__torch_dispatch__(func, types, args, kwargs or {})
+
+    return Mode(allow_non_fake_inputs=True, allow_fallback_kernels=False)
+
+
+@dataclass
+class _Record:
+    nbytes: int
+    born: int
+    phase: str
+    creator: str
+    died: int | None = None
+    kind: str | None = None  # "weight" | "grad"; None: decided at the end
+    savers: list = field(default_factory=list)
+    grad_of: str | None = None
+
+
+class _Tracer:
+    """Storages through one step, with the module that made each and the modules that saved it."""
+
+    def __init__(self) -> None:
+        self.records: dict[int, _Record] = {}
+        self.all: list[_Record] = []
+        self.refs: dict[int, weakref.ref] = {}
+        self.clock = 0
+        self.phase = "forward"
+        self.stack: list[str] = [""]
+        self.segments: list[tuple[int, int]] = []  # (clock, traced layer index): its backward begins
+        self.samples: list[tuple[int, str]] = []  # (clock, phase) after each birth
+        self.forward_end = 0
+        self.layers_done = 0  # the clock when the last traced layer's forward returned
+        self.inputs: dict[int, int] = {}
+
+    def register(self, t, kind: str | None = None) -> _Record | None:
+        import torch
+
+        if not isinstance(t, torch.Tensor):
+            return None
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return None
+        key = id(st)
+        rec = self.records.get(key)
+        if rec is not None:
+            if kind and rec.kind is None:
+                rec.kind = kind
+            return rec
+        self.clock += 1
+        rec = _Record(st.nbytes(), self.clock, self.phase, self.stack[-1], kind=kind)
+        self.records[key] = rec
+        self.all.append(rec)
+        self.refs[key] = weakref.ref(st, lambda _r, key=key: self.free(key))
+        self.samples.append((self.clock, self.phase))
+        return rec
+
+    def free(self, key: int) -> None:
+        rec = self.records.pop(key, None)
+        self.refs.pop(key, None)
+        if rec is not None:
+            self.clock += 1
+            rec.died = self.clock
+
+    def pack(self, t):
+        rec = self.register(t)
+        if rec is not None:
+            rec.savers.append(self.stack[-1])
+        return t
+
+
+def _dispatch_mode(tracer: _Tracer):
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Dispatch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                tracer.register(t)
+            return out
+
+    return Dispatch()
+
+
+def _scalars(module) -> tuple:
+    """A module's plain settings (window sizes, flags, types), its layer index excluded."""
+    out = []
+    for key, value in sorted(vars(module).items()):
+        if key.startswith("_") or key in ("layer_idx", "training", "layer_id", "idx"):
+            continue
+        if value is None or isinstance(value, (bool, int, float, str)):
+            out.append((key, value))
+        elif isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+            out.append((key, tuple(value)))
+    return tuple(out)
+
+
+def layer_signature(layer, layer_type) -> tuple:
+    """What makes two decoder layers save alike: classes, parameter shapes, settings, type."""
+    return (layer_type, tuple((name, type(m).__name__, _scalars(m)) for name, m in layer.named_modules()),
+            tuple((name, tuple(p.shape)) for name, p in layer.named_parameters()))
+
+
+class _PassThrough:
+    """Stands in for a decoder layer that repeats a traced one: returns the hidden states."""
+
+    def __init__(self, template):
+        self.template = template
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        width = self.template.get("tuple")  # a real layer's output: a tuple of this length, or a tensor
+        return (hidden_states, *([None] * (width - 1))) if width else hidden_states
+
+
+def _build(spec: ModelSpec, key: TraceKey):
+    """The fake model with only its representative layers live; returns what tracing needs."""
+    import torch
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    from .constants import torch_dtype
+    from .spec import _config_from_dict
+    from .targets import decoder_layers, is_linear, matches
+
+    config = _config_from_dict({k: v for k, v in spec.config.items() if k not in ("transformers_version",)},
+                               f"model {spec.name!r}")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=key.attn)
+    model.to(torch.float32 if key.autocast else torch_dtype(key.dtype))
+    prefix, layers = decoder_layers(model)
+    types = getattr(config, "layer_types", None)
+    types = types if isinstance(types, (list, tuple)) and len(types) == len(layers) else [None] * len(layers)
+    signatures = [layer_signature(layer, types[i]) for i, layer in enumerate(layers)]
+    reps: dict[tuple, int] = {}  # signature -> the traced layer (not layer 0) that stands for it
+    counts: dict[int, int] = {0: 1}
+    for i, sig in enumerate(signatures):
+        if i == 0:
+            continue
+        rep = reps.setdefault(sig, i)
+        counts[rep] = counts.get(rep, 0) + 1
+    last = reps[signatures[-1]] if len(layers) > 1 else 0
+    mode = _fake_mode()
+    faked: dict[int, torch.Tensor] = {}
+
+    def fake(t, parameter: bool):
+        if id(t) not in faked:
+            f = mode.fake_tensor_converter.from_meta_and_device(mode, t.detach(), torch.device("cpu"))
+            faked[id(t)] = nn.Parameter(f, requires_grad=key.trainable) if parameter else f
+        return faked[id(t)]
+
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = fake(p, True)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = fake(b, False)
+    template: dict = {}
+    for i in range(len(layers)):
+        if i not in counts:
+            layers[i].forward = _PassThrough(template)  # an instance attribute: hooks stay the module's
+    targets = set(key.lora_targets)
+    lora = [(path, m) for path, m in model.named_modules()
+            if not key.trainable and is_linear(m) and path.startswith(prefix + ".")
+            and m.weight.ndim == 2 and path.rsplit(".", 1)[-1] in targets and matches(path, "all-linear")]
+    return model, mode, prefix, layers, counts, last, template, lora
+
+
+def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
+    """One traced step at (batch, seq): the tracer, plus the layer/part of every module path."""
+    import torch
+
+    model, mode, prefix, layers, counts, last, template, lora = _build(spec, key)
+    paths = {id(m): path for path, m in model.named_modules()}
+    tracer = _Tracer()
+    handles = []
+    traced = sorted(counts)
+    linear_inputs: dict[str, tuple] = {}  # path -> (its input's record, width, input_grad, itemsize)
+    lm_head = model.get_output_embeddings()
+
+    def pre(module, args):
+        tracer.stack.append(paths.get(id(module), tracer.stack[-1]))
+
+    def post(module, args, out):
+        tracer.stack.pop()
+
+    def layer_post(i):
+        def hook(module, args, out):
+            template["tuple"] = len(out) if isinstance(out, tuple) else 0
+            hidden = out[0] if isinstance(out, tuple) else out
+            if i == traced[-1]:
+                tracer.layers_done = tracer.clock
+            if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                hidden.register_hook(lambda g: tracer.segments.append((tracer.clock, i)))
+        return hook
+
+    def linear_pre(path):
+        def hook(module, args):
+            x = args[0]
+            linear_inputs[path] = (tracer.register(x), int(x.shape[-1]), bool(x.requires_grad), x.element_size())
+        return hook
+
+    with mode:
+        dummy = torch.nn.Parameter(torch.zeros((), device="cpu"), requires_grad=True)
+
+    def inject(module, args, out):  # LoRA's branch makes the output need a gradient
+        return out + dummy
+
+    for path, m in lora:
+        handles.append(m.register_forward_pre_hook(linear_pre(path)))
+        handles.append(m.register_forward_hook(inject))
+    for i in traced:
+        handles.append(layers[i].register_forward_hook(layer_post(i)))
+    handles.append(torch.nn.modules.module.register_module_forward_pre_hook(pre))
+    handles.append(torch.nn.modules.module.register_module_forward_hook(post))
+    grad_hooks = []
+    names = {id(p): name for name, p in model.named_parameters()}
+
+    def grad_hook(name: str):
+        def on_grad(param):
+            rec = tracer.register(param.grad, "grad")
+            if rec is not None:
+                rec.kind, rec.grad_of = "grad", name
+        return on_grad
+
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            grad_hooks.append(p.register_post_accumulate_grad_hook(grad_hook(name)))
+    model.train()
+    try:
+        for t in (*model.parameters(), *model.buffers()):
+            tracer.register(t, "weight")
+        with mode:
+            ids = torch.randint(0, spec.vocab_size, (batch, seq))
+            inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
+            if key.padded:
+                inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
+            tracer.register(ids, "weight")  # the batch: not an activation of the step
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if key.autocast else contextlib.nullcontext()
+            with _unpacked(), _dispatch_mode(tracer), \
+                    torch.autograd.graph.saved_tensors_hooks(tracer.pack, lambda t: t):
+                with autocast:
+                    loss = model(**inputs).loss
+                tracer.forward_end = tracer.clock
+                tracer.phase = "backward"
+                tracer.clock += 1
+                loss.backward()
+                del loss
+    finally:
+        for h in handles + grad_hooks:
+            h.remove()
+    lm_head_path = paths.get(id(lm_head), "lm_head")
+    return tracer, prefix, counts, last, linear_inputs, lm_head_path, names
+
+
+@contextlib.contextmanager
+def _unpacked():
+    """transformers checks position ids for packed sequences (a value read); the batches are plain."""
+    from unittest import mock
+
+    from torch._subclasses.fake_tensor import is_fake
+    from transformers import masking_utils
+
+    find = masking_utils.find_packed_sequence_indices
+    with mock.patch.object(masking_utils, "find_packed_sequence_indices",
+                           lambda position_ids: None if is_fake(position_ids) else find(position_ids)):
+        yield
+
+
+def _owner(path: str, prefix: str) -> tuple[int | None, str]:
+    """(layer index, part) of a module path inside the decoder layers, or (None, path)."""
+    m = re.match(re.escape(prefix) + r"\.(\d+)(?:\.([^.]+))?", path)
+    if m:
+        return int(m.group(1)), m.group(2) or "(block)"
+    return None, path
+
+
+def _measure(spec: ModelSpec, key: TraceKey, batch: int, seq: int) -> dict:
+    """Byte counts of one traced step, by owner, and its backward moments, all at (batch, seq)."""
+    tracer, prefix, counts, last, linear_inputs, lm_head_path, names = _trace_once(spec, key, batch, seq)
+    traced = sorted(counts)
+    final = tracer.clock + 1
+    saved: dict[tuple, int] = {}  # (layer or None, part) -> bytes
+    owner_of: dict[int, tuple] = {}
+    storage_saved: set[int] = set()
+    for rec in tracer.all:
+        if rec.kind is not None:
+            continue
+        forward = rec.phase == "forward"
+        alive_after = rec.died is None or rec.died > tracer.forward_end
+        if not (rec.savers or (forward and alive_after)):
+            continue
+        creator_layer, creator_part = _owner(rec.creator, prefix)
+        saver_layers = {_owner(p, prefix)[0] for p in rec.savers} - {None}
+        if creator_layer is None and len(saver_layers) > 1:
+            owner = (None, "shared")
+        elif rec.savers and _owner(rec.savers[0], prefix)[0] is not None:
+            owner = _owner(rec.savers[0], prefix)
+        elif creator_layer is not None:
+            owner = (creator_layer, creator_part)
+        else:
+            where = rec.savers[0] if rec.savers else rec.creator
+            owner = (None, _head_part(where, lm_head_path, spec))
+        owner_of[id(rec)] = owner
+        saved[owner] = saved.get(owner, 0) + rec.nbytes
+    for rec in tracer.all:
+        if rec.savers:
+            storage_saved.add(id(rec))
+    # each LoRA target's input: already kept for backward by another op?
+    lin = {}
+    for path, (rec, width, grad, itemsize) in linear_inputs.items():
+        layer, part = _owner(path, prefix)
+        lin[path] = (layer, part, path.rsplit(".", 1)[-1], width, id(rec), bool(rec.savers), grad, itemsize)
+
+    # forward: the most alive beyond the saved tensors, at the head (after the last layer)
+    events = []
+    for rec in tracer.all:
+        events.append((rec.born, rec.nbytes, rec))
+        if rec.died is not None:
+            events.append((rec.died, -rec.nbytes, rec))
+    events.sort(key=lambda e: e[0])
+    total_saved = sum(saved.values())
+    segments = sorted(tracer.segments)
+    seg_starts = [c for c, _ in segments]
+
+    def segment_at(clock: int):
+        import bisect
+
+        i = bisect.bisect_right(seg_starts, clock) - 1
+        return segments[i][1] if i >= 0 else "head"
+
+    live_act, live_trans, live_grad = 0, 0, 0
+    part_alive: dict[tuple, int] = {}
+    grads_made: dict[int | None, int] = {}
+    forward_extra: list[int] = []
+    loss_bwd: list[int] = []
+    steps: dict[int, list] = {i: [] for i in traced}
+    sample_clocks = {c: p for c, p in tracer.samples}
+    e = 0
+    for clock in range(1, final + 1):
+        while e < len(events) and events[e][0] == clock:
+            _, delta, rec = events[e]
+            e += 1
+            if rec.kind == "weight":
+                continue
+            if rec.kind == "grad":
+                live_grad += delta
+                if delta > 0:
+                    layer = _owner(_param_module(rec.grad_of), prefix)[0]
+                    grads_made[layer] = grads_made.get(layer, 0) + delta
+                continue
+            owner = owner_of.get(id(rec))
+            if owner is None:
+                live_trans += delta
+            else:
+                live_act += delta
+                part_alive[owner] = part_alive.get(owner, 0) + delta
+        phase = sample_clocks.get(clock)
+        if phase is None:
+            continue
+        if phase == "forward" and clock > tracer.layers_done:
+            forward_extra.append(live_act + live_trans - total_saved)
+        elif phase == "backward":
+            seg = segment_at(clock)
+            if seg == "head":
+                if not grads_made:
+                    head_alive = sum(v for (layer, _), v in part_alive.items() if layer is None)
+                    head_total = sum(v for (layer, _), v in saved.items() if layer is None)
+                    loss_bwd.append(live_trans - (head_total - head_alive))
+            else:
+                alive = sum(v for (layer, _), v in part_alive.items() if layer == seg)
+                steps[seg].append((alive, grads_made.get(seg, 0), live_trans))
+    grad_bytes: dict[int, int] = {}
+    for rec in tracer.all:
+        if rec.kind == "grad" and rec.grad_of:
+            layer = _owner(_param_module(rec.grad_of), prefix)[0]
+            if layer is not None:
+                grad_bytes[layer] = grad_bytes.get(layer, 0) + rec.nbytes
+    return {"saved": saved, "steps": steps, "forward_extra": forward_extra, "loss_bwd": loss_bwd,
+            "counts": counts, "last": last, "linears": lin, "grad_bytes": grad_bytes}
+
+
+def _param_module(name: str) -> str:
+    return name.rsplit(".", 1)[0]
+
+
+def _head_part(path: str, lm_head_path: str, spec: ModelSpec) -> str:
+    if path == lm_head_path:
+        return "lm_head input"
+    last = path.rsplit(".", 1)[-1].lower()
+    if "norm" in last or last.startswith("ln"):
+        return "final norm"
+    if "emb" in last or last in ("wte", "wpe"):
+        return "embedding"
+    return "logits and loss"
+
+
+def trace_seqs(spec: ModelSpec, seq: int) -> tuple[int, int, int]:
+    """Three traced sequence lengths in the same regime as `seq` (below or above a sliding window)."""
+    window = spec.sliding_window
+    if window and seq > window:
+        return window + 24, window + 40, window + 56
+    return SHORT_SEQS
+
+
+_SPECS: dict[str, ModelSpec] = {}  # a config's JSON -> its spec (the cache's key is the JSON)
+_KEYS: dict[int, tuple[ModelSpec, str]] = {}  # id(spec) -> (spec, its config's JSON)
+
+
+@lru_cache(maxsize=256)
+def _profile_cached(spec_key: str, key: TraceKey, seqs: tuple[int, int, int]) -> Profile:
+    spec = _SPECS[spec_key]
+    shapes = [(BATCHES[0], s) for s in seqs] + [(BATCHES[1], s) for s in seqs[:2]]
+    points = {shape: _measure(spec, key, *shape) for shape in shapes}
+    first = points[(BATCHES[0], seqs[0])]
+    counts, last = first["counts"], first["last"]
+
+    def fit(get) -> Poly:
+        return Poly.fit({p: get(m) for p, m in points.items()})
+
+    owners = set()
+    for m in points.values():
+        owners |= set(m["saved"])
+    layers = []
+    for i in sorted(counts):
+        parts = sorted({part for layer, part in owners if layer == i})
+        saved = {part: fit(lambda m, part=part, i=i: m["saved"].get((i, part), 0)) for part in parts}
+        lengths = {len(m["steps"][i]) for m in points.values()}
+        steps: list[TracedStep] = []
+        if len(lengths) == 1:
+            n = lengths.pop()
+            for k in range(n):
+                alive = fit(lambda m, k=k, i=i: m["steps"][i][k][0])
+                trans = fit(lambda m, k=k, i=i: m["steps"][i][k][2])
+                steps.append(TracedStep(alive, first["steps"][i][k][1], trans))
+        else:  # the graph changed with the shape: each shape's worst moment, fitted together as one
+            worst = {p: max(m["steps"][i], key=lambda t: t[0] + t[2], default=(0, 0, 0)) for p, m in points.items()}
+            made = max((t[1] for t in first["steps"][i]), default=0)
+            steps.append(TracedStep(ZERO, made, Poly.fit({p: w[0] + w[2] for p, w in worst.items()})))
+        linears = tuple(LinearInput(*values) for layer, *values in first["linears"].values() if layer == i)
+        layers.append(TracedLayer(i, counts[i], saved, _frontier(steps), linears))
+    head = {part: fit(lambda m, part=part: m["saved"].get((None, part), 0)) for part in HEAD_PARTS}
+    return Profile(
+        layers=tuple(layers),
+        last=sorted(counts).index(last),
+        shared=fit(lambda m: m["saved"].get((None, "shared"), 0)),
+        embedding=fit(lambda m: m["saved"].get((None, "embedding"), 0)),
+        head=head,
+        forward_transient=PolyMax.fit({p: m["forward_extra"] for p, m in points.items()}),
+        loss_backward_transient=PolyMax.fit({p: m["loss_bwd"] for p, m in points.items()}),
+        grad_bytes=dict(first["grad_bytes"]),
+        kinds=len(counts),
+    )
+
+
+def _frontier(steps: list[TracedStep]) -> tuple[TracedStep, ...]:
+    """The moments not dominated by a later one with as many gradients made (at every b and s)."""
+    kept: list[TracedStep] = []
+    for step in steps:
+        total = step.alive + step.transient
+        if any(k.made >= step.made and (k.alive + k.transient).dominates(total) for k in kept):
+            continue
+        kept = [k for k in kept if not (step.made >= k.made and total.dominates(k.alive + k.transient))]
+        kept.append(step)
+    return tuple(kept)
+
+
+def traced_profile(spec: ModelSpec, key: TraceKey, seq_len: int) -> Profile:
+    """The activation profile of `spec` for `key`, traced once per config, key and regime."""
+    known = _KEYS.get(id(spec))
+    if known is None or known[0] is not spec:
+        known = _KEYS[id(spec)] = (spec, json.dumps(spec.config, sort_keys=True, default=str))
+        _SPECS.setdefault(known[1], spec)
+    return _profile_cached(known[1], key, trace_seqs(spec, seq_len))
