@@ -513,7 +513,7 @@ def head_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> dict[str, i
     transformers' ForCausalLMLoss upcasts the logits to fp32 (`logits.float()`) and runs
     cross-entropy, whose log-softmax saves its fp32 output (b·s·V·4). The model-dtype logits
     and their fp32 copy are not saved; they are freed once the loss is computed.
-    GPT-2 drops out its embeddings (a mask per token and feature).
+    GPT-2 drops out its embeddings (a mask per token and feature, kept only when the embeddings train).
     """
     tokens = batch * seq
     h, V = spec.hidden_size, spec.vocab_size
@@ -531,7 +531,7 @@ def head_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> dict[str, i
     }
     if flow.autocast:
         saved["autocast weight copies"] = autocast_weight_copies(spec, flow)
-    if spec.dropout.get("embd_pdrop", 0.0) > 0:
+    if spec.dropout.get("embd_pdrop", 0.0) > 0 and flow.embeddings_trainable:  # frozen: no gradient, no mask
         saved["embedding dropout"] = tokens * h * flow.mask_bytes
     return saved
 
