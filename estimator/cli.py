@@ -45,7 +45,8 @@ def render(est: Estimate) -> str:
     p = est.params_total
     t = est.params_trainable
     trainable = f"{t / 1e9:.3f} B" if t >= 1e9 else f"{t / 1e6:,.2f} M"
-    lines.append(f"parameters: {p / 1e9:.3f} B total, {trainable} trainable ({100 * t / p:.2f}%)")
+    active = f"{est.params_active / 1e9:.3f} B active per token, " if est.params_active is not None else ""
+    lines.append(f"parameters: {p / 1e9:.3f} B total, {active}{trainable} trainable ({100 * t / p:.2f}%)")
     lines.append(f"peak allocated: {gib(est.peak_bytes)} in {est.moment}")
     width = max(est.breakdown.values()) or 1
     for cat in CATEGORIES:

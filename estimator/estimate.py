@@ -52,6 +52,7 @@ class Estimate:
     distributed_terms: dict[str, int] = field(default_factory=dict)  # several GPUs: what sharding adds or divides
     options: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    params_active: int | None = None  # mixture of experts: the parameters one token computes with
 
     @property
     def total_bytes(self) -> int:
@@ -84,7 +85,8 @@ class Estimate:
         return {
             "model": self.model,
             "method": self.method,
-            "params": {"total": self.params_total, "trainable": self.params_trainable},
+            "params": {"total": self.params_total, "trainable": self.params_trainable,
+                       **({"active": self.params_active} if self.params_active is not None else {})},
             "peak_bytes": self.peak_bytes,
             "phase": self.phase,
             "moment": self.moment,
@@ -128,8 +130,10 @@ def check_against_model(spec: ModelSpec, method: MethodConfig, setup: TrainSetup
     """Problems only the model can reveal (raise), and notes worth showing (returned)."""
     problems, notes = [], []
     if isinstance(method, (LoRAConfig, GaLoreConfig)):
-        chosen = mem.target_linears(spec, method.targets)
-        problem = targets_problem(method.targets, [lin.short for lin in spec.linears], bool(chosen), spec.name)
+        experts = mem.projected_experts(spec, method)
+        chosen = mem.target_linears(spec, method.targets) + [ex.matrix for ex in experts]
+        problem = targets_problem(method.targets, [lin.short for lin in spec.linears], bool(chosen), spec.name,
+                                  [ex.short for ex in spec.experts], _projects_experts(method), _METHOD_NAMES[method.method])
         if problem:
             problems.append(problem)
         else:
@@ -149,7 +153,39 @@ def check_against_model(spec: ModelSpec, method: MethodConfig, setup: TrainSetup
     if not spec.exact_family:
         notes.append(f"{spec.model_type}: activations traced from transformers' own forward on CPU kernels "
                      f"(no named formulas for this family)")
+    notes += _expert_notes(spec, method)
     return notes
+
+
+_METHOD_NAMES = {"full": "full training", "lora": "LoRA", "qlora": "QLoRA", "galore": "GaLore", "qgalore": "Q-GaLore"}
+
+
+def _projects_experts(method: MethodConfig) -> bool:
+    """Can fused expert weights be targets of `method` (GaLore and Q-GaLore project them; LoRA cannot)?"""
+    return isinstance(method, GaLoreConfig)
+
+
+def _expert_notes(spec: ModelSpec, method: MethodConfig) -> list[str]:
+    """What a method does with a mixture-of-experts model's fused expert weights."""
+    if not spec.experts:
+        return []
+    names = ", ".join(sorted({ex.short for ex in spec.experts}))
+    share = f"{spec.expert_params / 1e9:.3f} B parameters, {100 * spec.expert_params / spec.params_total:.0f}% of the model"
+    if isinstance(method, LoRAConfig):
+        return [f"fused expert weights ({names}: {share}) are frozen under {_METHOD_NAMES[method.method]}: adapters go on "
+                f"attention and dense or shared-expert linears only (no LoRA on 3-D expert parameters, peft's "
+                f"target_parameters, here)"]
+    if isinstance(method, GaLoreConfig):
+        experts = mem.projected_experts(spec, method)
+        if not experts:
+            return [f"fused expert weights ({names}: {share}) are not in targets={method.targets!r}: plain AdamW states"]
+        projected = ", ".join(sorted({ex.short for ex in experts}))
+        note = (f"{_METHOD_NAMES[method.method]} projects each of the {experts[0].num_experts} experts' matrices of "
+                f"{projected} separately (a projection and low-rank moments per expert)")
+        if isinstance(method, QGaLoreConfig):
+            note += "; the fused expert weights stay in the weight dtype (INT8 is for linear layers)"
+        return [note]
+    return []
 
 
 def gradients_alive_before(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, grads: int,
@@ -170,14 +206,15 @@ def gradients_alive_before(spec: ModelSpec, method: MethodConfig, setup: TrainSe
         return grads
     d = DTYPE_BYTES[setup.dtype]
     total = 0
-    for lin in spec.linears:
+    experts = mem.projected_experts(spec, method)
+    for lin in (*spec.linears, *(ex.matrix for ex in experts)):  # an expert's matrix: projected, as a linear
         if mem.is_target(lin, method.targets):
             total += lin.count * galore_low_rank_numel(lin, method) * d
         else:
             total += lin.count * lin.in_features * lin.out_features * d
         if lin.bias:
             total += lin.count * lin.out_features * d
-    return total + sum(mem._non_linear_tensors(spec)) * d
+    return total + sum(mem._non_linear_tensors(spec, experts)) * d
 
 
 def largest_linear(spec: ModelSpec) -> int:
@@ -241,6 +278,27 @@ def galore_update_temps(lin, method: GaLoreConfig, d: int) -> int:
     return temps
 
 
+def projection_read_temps(lin, method: GaLoreConfig, d: int) -> int:
+    """Reading one projection for a matmul: nothing for GaLore's dense P; Q-GaLore dequantizes
+    its P (r × min(m, n)) into the weight dtype, through an unpacked copy of INT4 codes and one
+    fp32 work block (lowrank.quant)."""
+    if not isinstance(method, QGaLoreConfig):
+        return 0
+    numel = min(method.rank, lin.in_features, lin.out_features) * min(lin.in_features, lin.out_features)
+    if method.proj_bits == 16:
+        return numel * d
+    unpacked = 2 * ceil(numel / 2) if method.proj_bits == 4 else 0
+    return unpacked + int8_dequant_temps(numel, d)
+
+
+def expert_update_temps(lin, method: GaLoreConfig, d: int) -> int:
+    """Temporaries of one expert's update (`lin`: its matrix): Adam on its ℓ, or the update
+    direction (ℓ) beside the projection read for the in-place GEMM into the float weight —
+    fused expert weights are never INT8, Q-GaLore's included."""
+    low = galore_low_rank_numel(lin, method)
+    return max(galore_adam_temps(low, method, d), low * d + projection_read_temps(lin, method, d))
+
+
 def stochastic_rounding_temps(numel: int) -> int:
     """lowrank.quant.stochastic_update_ on one block: two fp32 copies of it and per-group work
     (measured: 8.13 bytes per element of a block, tests/estimator/test_memory.py)."""
@@ -257,7 +315,10 @@ def update_transient(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -
     """
     d = DTYPE_BYTES[setup.dtype]
     if isinstance(method, GaLoreConfig):
-        worst = max([galore_update_temps(lin, method, d) for lin in spec.linears if mem.is_target(lin, method.targets)]
+        # a fused expert weight is updated one expert's matrix at a time, each projected on its own
+        matrices = [lin for lin in spec.linears if mem.is_target(lin, method.targets)]
+        worst = max([galore_update_temps(lin, method, d) for lin in matrices]
+                    + [expert_update_temps(ex.matrix, method, d) for ex in mem.projected_experts(spec, method)]
                     + [galore_plain_temps(n, method, d) for n in _plain_tensors(spec, method)])
         return worst
     if method.optimizer == "adafactor":
@@ -265,14 +326,17 @@ def update_transient(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -
             largest = max(method.rank * max(lin.in_features, lin.out_features)
                           for lin in mem.target_linears(spec, method.targets))
             return largest * mem.adapter_dtype_bytes(method, setup)
+        # a block's fused expert weights come one after the other: the first one's update is still
+        # referenced while the second one's estimate is built
+        experts = [sum(ex.numel for ex in spec.experts)] if spec.experts else []
         return max([lin.in_features * lin.out_features for lin in spec.linears]
-                   + [spec.vocab_size * spec.hidden_size]) * d
+                   + experts + [spec.vocab_size * spec.hidden_size]) * d
     return 0
 
 
 def _plain_tensors(spec: ModelSpec, method: GaLoreConfig) -> list[int]:
     """numel of the tensors GaLore leaves to plain AdamW."""
-    out = mem._non_linear_tensors(spec)
+    out = mem._non_linear_tensors(spec, mem.projected_experts(spec, method))
     for lin in spec.linears:
         if not mem.is_target(lin, method.targets):
             out.append(lin.in_features * lin.out_features)
@@ -286,11 +350,22 @@ def layerwise_hooks(spec: ModelSpec, method: GaLoreConfig, setup: TrainSetup) ->
 
     First the full gradient of a projected weight sits beside its projection R (ℓ elements);
     the gradient is then freed and Adam's temporaries (and Q-GaLore's full-size update) follow.
+    A fused expert weight (E matrices) is projected whole, E·ℓ, then updated expert by expert:
+    the other experts' projections wait beside one expert's temporaries. A weight left to plain
+    AdamW (not a target; a fused expert weight under Q-GaLore) is updated beside its full gradient.
     """
     d = DTYPE_BYTES[setup.dtype]
     projected = [lin for lin in spec.linears if mem.is_target(lin, method.targets)]
     hooks = [(lin.in_features * lin.out_features * d, galore_low_rank_numel(lin, method) * d) for lin in projected]
     hooks += [(0, galore_update_temps(lin, method, d)) for lin in projected]
+    experts = mem.projected_experts(spec, method)
+    for ex in experts:
+        low = galore_low_rank_numel(ex.matrix, method) * d
+        hooks += [(ex.numel * d, ex.num_experts * low + projection_read_temps(ex.matrix, method, d)),
+                  (0, (ex.num_experts - 1) * low + expert_update_temps(ex.matrix, method, d))]
+    plain = {lin.in_features * lin.out_features for lin in spec.linears if not mem.is_target(lin, method.targets)}
+    plain |= {ex.numel for ex in spec.experts if ex not in experts}
+    hooks += [(n * d, galore_plain_temps(n, method, d)) for n in sorted(plain)]
     return hooks
 
 
@@ -430,6 +505,7 @@ def estimate_spec(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, devi
         distributed_terms=shared,
         options={**method.to_dict(), **asdict(setup)},
         notes=notes,
+        params_active=spec.params_active if spec.experts else None,
     )
 
 

@@ -9,17 +9,25 @@ from __future__ import annotations
 
 from .config import GaLoreConfig, LoRAConfig, MethodConfig, QGaLoreConfig, QLoRAConfig, TrainSetup
 from .constants import ADAM8_MIN_SIZE, DTYPE_BYTES, QMAP_BYTES, adam8bit_nbytes, nf4_nbytes, quantized_nbytes
-from .spec import LinearShape, ModelSpec
+from .spec import ExpertShape, LinearShape, ModelSpec
 from .targets import selects
 
 
-def is_target(lin: LinearShape, targets: str) -> bool:
+def is_target(lin: LinearShape | ExpertShape, targets: str) -> bool:
     return selects(lin.short, lin.group, targets)
 
 
 def target_linears(spec: ModelSpec, targets: str) -> list[LinearShape]:
     """The decoder-block linears a method acts on (estimator.targets rules, on shapes)."""
     return [lin for lin in spec.linears if is_target(lin, targets)]
+
+
+def projected_experts(spec: ModelSpec, method: MethodConfig) -> list[ExpertShape]:
+    """The fused expert weights whose E matrices GaLore and Q-GaLore project one by one
+    (lowrank/galore.py); none under LoRA and QLoRA (the experts stay frozen) or full training."""
+    if not isinstance(method, GaLoreConfig):
+        return []
+    return [ex for ex in spec.experts if is_target(ex, method.targets)]
 
 
 def int8_weight_bytes(numel: int, group_size: int) -> int:
@@ -79,8 +87,9 @@ def trainable_tensors(spec: ModelSpec, method: MethodConfig) -> list[int]:
     return out
 
 
-def _non_linear_tensors(spec: ModelSpec) -> list[int]:
-    """Embeddings, lm_head and norm weights, one entry per tensor."""
+def _non_linear_tensors(spec: ModelSpec, projected: list[ExpertShape] | tuple = ()) -> list[int]:
+    """Embeddings, lm_head, norm weights and fused expert weights, one entry per tensor (the
+    experts in `projected` left out: GaLore projects them); every other parameter as one."""
     out = []
     h = spec.hidden_size
     token_embedding = spec.vocab_size * h
@@ -95,8 +104,14 @@ def _non_linear_tensors(spec: ModelSpec) -> list[int]:
         out += [per_norm] * n
         if spec.norm_params - n * per_norm:
             out.append(spec.norm_params - n * per_norm)
-    if spec.other_params:
-        out.append(spec.other_params)
+    rest = spec.other_params - spec.expert_params
+    if spec.other_tensors and sum(n * count for n, count in spec.other_tensors) == rest:
+        out += [n for n, count in spec.other_tensors for _ in range(count)]
+    elif rest:  # a spec built without the list
+        out.append(rest)
+    for ex in spec.experts:
+        if ex not in projected:
+            out += [ex.numel] * ex.count
     return out
 
 
@@ -161,9 +176,10 @@ def qmap_bytes(numel_list: list[int], optimizer: str) -> int:
     return 0
 
 
-def optimizer_state_bytes(numel_list: list[int], shapes: list[tuple[int, int]] | None, dtype_bytes: int,
+def optimizer_state_bytes(numel_list: list[int], shapes: list[tuple[int, ...] | None] | None, dtype_bytes: int,
                           optimizer: str) -> int:
-    """States of a plain optimizer over tensors (numel_list) — 2-D shapes needed for Adafactor."""
+    """States of a plain optimizer over tensors (numel_list) — shapes needed for Adafactor (2-D, or
+    a fused expert weight's 3-D (E, m, n): factored per expert)."""
     if optimizer in ("adamw", "adamw8bit"):
         total = sum(adam_state_bytes(n, dtype_bytes, optimizer) for n in numel_list)
         return total + qmap_bytes(numel_list, optimizer)
@@ -174,8 +190,9 @@ def optimizer_state_bytes(numel_list: list[int], shapes: list[tuple[int, int]] |
         # sums for matrices, a full one for vectors; no first moment (torch.optim.Adafactor).
         total = 0
         for n, shape in zip(numel_list, shapes or [None] * len(numel_list)):
-            if shape is not None:
-                total += (shape[0] + shape[1]) * dtype_bytes + 4
+            if shape is not None:  # torch keeps (..., m, 1) and (..., 1, n)
+                lead = n // (shape[-2] * shape[-1])
+                total += lead * (shape[-2] + shape[-1]) * dtype_bytes + 4
             else:
                 total += n * dtype_bytes + 4
         return total
@@ -191,9 +208,11 @@ def full_optimizer_bytes(spec: ModelSpec, method: MethodConfig, setup: TrainSetu
         if lin.bias:
             numels += [lin.out_features] * lin.count
             shapes += [None] * lin.count
+    experts = {ex.numel: (ex.num_experts, ex.out_features, ex.in_features) for ex in spec.experts}
     for n in _non_linear_tensors(spec):
         numels.append(n)
-        shapes.append((spec.vocab_size, spec.hidden_size) if n == spec.vocab_size * spec.hidden_size else None)
+        shapes.append((spec.vocab_size, spec.hidden_size) if n == spec.vocab_size * spec.hidden_size
+                      else experts.get(n))
     return optimizer_state_bytes(numels, shapes, d, method.optimizer)
 
 
@@ -236,16 +255,18 @@ def galore_optimizer_bytes(spec: ModelSpec, method: GaLoreConfig, setup: TrainSe
     total = 0
     plain: list[int] = []
     quantized: list[int] = []  # moment sizes, to know whether the 8-bit maps exist
+    experts = projected_experts(spec, method)
+    matrices = [lin for lin in spec.linears if is_target(lin, method.targets)] + [ex.matrix for ex in experts]
+    for lin in matrices:  # an expert's matrix: states of its own, as a linear layer's
+        total += lin.count * galore_matrix_state_bytes(lin, method, d)
+        r = min(method.rank, lin.in_features, lin.out_features)
+        quantized.append(r * r if method.proj_type == "full" else r * max(lin.in_features, lin.out_features))
     for lin in spec.linears:
-        if is_target(lin, method.targets):
-            total += lin.count * galore_matrix_state_bytes(lin, method, d)
-            r = min(method.rank, lin.in_features, lin.out_features)
-            quantized.append(r * r if method.proj_type == "full" else r * max(lin.in_features, lin.out_features))
-        else:
+        if not is_target(lin, method.targets):
             plain += [lin.in_features * lin.out_features] * lin.count
         if lin.bias:
             plain += [lin.out_features] * lin.count
-    plain += _non_linear_tensors(spec)
+    plain += _non_linear_tensors(spec, experts)
     total += sum(adam_state_bytes(n, d, method.optimizer, step_tensor=False) for n in plain)
     return total + qmap_bytes(plain + quantized, method.optimizer)
 

@@ -51,6 +51,31 @@ class LinearShape:
 
 
 @dataclass(frozen=True)
+class ExpertShape:
+    """One fused expert weight of a mixture-of-experts block, (num_experts, out_features,
+    in_features) as transformers stores it (`mlp.experts.gate_up_proj`); `count` blocks have it.
+    GaLore projects each of its `num_experts` matrices separately."""
+
+    short: str
+    group: str | None
+    num_experts: int
+    out_features: int
+    in_features: int
+    count: int
+
+    @property
+    def numel(self) -> int:
+        """Elements of one block's tensor (every expert)."""
+        return self.num_experts * self.out_features * self.in_features
+
+    @property
+    def matrix(self) -> LinearShape:
+        """One expert's matrix as a linear layer's shape; its count is every expert of every block."""
+        return LinearShape(self.short, self.group, self.in_features, self.out_features, False,
+                           self.count * self.num_experts)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Shapes and structure of a model: what the memory model needs, nothing else."""
 
@@ -78,6 +103,13 @@ class ModelSpec:
     dropout: dict[str, float] = field(default_factory=dict)
     sliding_window: int | None = None
     config: dict = field(default_factory=dict, compare=False, repr=False)
+    # mixture of experts: the fused expert weights (their parameters are in other_params too) and
+    # how many experts each token is routed to (0 for a dense model)
+    experts: tuple[ExpertShape, ...] = ()
+    experts_per_token: int = 0
+    # the other parameters outside the experts, (numel, how many tensors): optimizers keep state
+    # per tensor (MoE routers, one-output gates, learned scalars)
+    other_tensors: tuple[tuple[int, int], ...] = ()
 
     @property
     def linear_params(self) -> int:
@@ -87,6 +119,19 @@ class ModelSpec:
     def params_total(self) -> int:
         return (self.linear_params + self.embedding_params + self.lm_head_params
                 + self.norm_params + self.other_params)
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of the fused expert weights (a part of other_params)."""
+        return sum(ex.numel * ex.count for ex in self.experts)
+
+    @property
+    def params_active(self) -> int:
+        """Parameters one token computes with: `experts_per_token` of the `num_experts` matrices of
+        each fused expert weight, every other parameter (shared experts and routers included)."""
+        routed_out = sum(ex.count * (ex.num_experts - min(self.experts_per_token, ex.num_experts))
+                         * ex.out_features * ex.in_features for ex in self.experts)
+        return self.params_total - routed_out
 
     @property
     def q_dim(self) -> int:
@@ -522,20 +567,24 @@ def spec_from_config(config, name: str) -> ModelSpec:
 def _spec_from_model(model, config, name: str) -> ModelSpec:
     import torch
 
-    from .targets import decoder_layers, is_linear, linear_group, linear_shape
+    from .targets import block_linears, decoder_layers, expert_parameters, linear_group, linear_shape
 
-    prefix, blocks = decoder_layers(model)
-    block_prefix = re.compile(re.escape(prefix) + r"\.(\d+)\.(.+)")
+    _, blocks = decoder_layers(model)
     linear_counts: dict[tuple, int] = {}
     linear_modules: set[str] = set()
-    for path, module in model.named_modules():
-        match = block_prefix.fullmatch(path)
-        if match and is_linear(module):
-            in_f, out_f = linear_shape(module)
-            key = (match.group(2).rsplit(".", 1)[-1], linear_group(path), in_f, out_f, module.bias is not None)
-            linear_counts[key] = linear_counts.get(key, 0) + 1
-            linear_modules.add(path)
+    for path, module in block_linears(model):  # routers and one-output gates count as other_params
+        in_f, out_f = linear_shape(module)
+        key = (path.rsplit(".", 1)[-1], linear_group(path), in_f, out_f, module.bias is not None)
+        linear_counts[key] = linear_counts.get(key, 0) + 1
+        linear_modules.add(path)
     linears = tuple(LinearShape(*key, count) for key, count in linear_counts.items())
+    expert_counts: dict[tuple, int] = {}
+    for pname, param in expert_parameters(model):  # fused (E, m, n) weights: in other_params below
+        key = (pname.rsplit(".", 1)[-1], linear_group(pname), *(int(n) for n in param.shape))
+        expert_counts[key] = expert_counts.get(key, 0) + 1
+    experts = tuple(ExpertShape(*key, count) for key, count in expert_counts.items())
+    expert_names = {pname for pname, _ in expert_parameters(model)}
+    other_sizes: dict[int, int] = {}
 
     embedding_params = lm_head_params = norm_params = other_params = 0
     embedding_modules = {path for path, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
@@ -556,6 +605,8 @@ def _spec_from_model(model, config, name: str) -> ModelSpec:
             norm_params += param.numel()
         else:
             other_params += param.numel()
+            if pname not in expert_names:
+                other_sizes[param.numel()] = other_sizes.get(param.numel(), 0) + 1
 
     float_buffer_numel = other_buffer_bytes = 0
     for _, buf in model.named_buffers():
@@ -597,6 +648,10 @@ def _spec_from_model(model, config, name: str) -> ModelSpec:
         dropout=dropout,
         sliding_window=getattr(config, "sliding_window", None),
         config=config.to_dict(),
+        experts=experts,
+        experts_per_token=int(_attr(config, "num_experts_per_tok", "moe_topk", default=0) or 0)
+        if experts else 0,
+        other_tensors=tuple(sorted(other_sizes.items(), reverse=True)),
     )
 
 

@@ -7,6 +7,16 @@ A layer belongs to "attention" or "mlp" by the name of the block it sits in:
     model.layers.3.mlp.down_proj      -> mlp            gpt_neox.layers.1.mlp.dense_4h_to_h -> mlp
 
 targets = "attention" | "mlp" | "all-linear" | "q_proj,v_proj" (names of the layers themselves).
+
+Mixture-of-experts blocks hold two things that are not candidates:
+  * routers and one-output gates — a linear named like a router, one with a single output
+    (Qwen2-MoE's `shared_expert_gate`), or one named `gate` beside an `experts` module (the
+    router of Mixtral-style blocks; Llama's `gate_proj` stays a target). They are tiny, and a
+    rank above their output width would make no sense;
+  * fused expert weights: transformers stores the experts of a block as 3-D parameters,
+    `mlp.experts.gate_up_proj` (E, 2i, h) and `mlp.experts.down_proj` (E, h, i). They are not
+    linear modules, so LoRA leaves them frozen; GaLore projects each of their E matrices
+    (`target_experts`), selected by the same rules ("all-linear", "mlp", or their names).
 """
 
 from __future__ import annotations
@@ -36,6 +46,16 @@ def linear_group(path: str) -> str | None:
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear, GPT-2's Conv1D (a transposed linear), and the quantized linears built on them."""
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def is_router(path: str, module: nn.Module, parent: nn.Module | None) -> bool:
+    """A router or one-output gate (never a target): a single output, "router" in the name, or a
+    layer named `gate` whose parent module also holds the `experts`."""
+    short = path.rsplit(".", 1)[-1]
+    _, out_features = linear_shape(module)
+    if out_features == 1 or "router" in short.lower():
+        return True
+    return short == "gate" and parent is not None and hasattr(parent, "experts")
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -75,29 +95,76 @@ def matches(path: str, targets: str) -> bool:
     return selects(path.rsplit(".", 1)[-1], linear_group(path), targets)
 
 
-def targets_problem(targets: str, names: list[str], chosen: bool, where: str) -> str | None:
+def targets_problem(targets: str, names: list[str], chosen: bool, where: str, experts: list[str] = (),
+                    experts_allowed: bool = False, method: str = "LoRA") -> str | None:
     """Why `targets` cannot be used with a model whose block linears have these short `names`
-    (one message, naming the layers there are), or None; `chosen`: does it select any?"""
-    available = sorted(set(names))
+    (one message, naming the layers there are), or None; `chosen`: does it select any?
+
+    experts: the short names of the model's fused expert weights (`gate_up_proj`, `down_proj`);
+    experts_allowed: may they be targets (GaLore and Q-GaLore: yes; LoRA and QLoRA: no, and the
+    message says that `method` leaves them frozen).
+    """
+    available = sorted(set(names) | (set(experts) if experts_allowed else set()))
+    layers = ", ".join(available) or "none"
+    frozen = [] if experts_allowed else sorted(set(experts) - set(names))
+    fate = "leaves the experts frozen" if "lora" in method.lower() else "leaves the experts to plain AdamW"
+    kind = "is a fused expert weight (3-D, not a linear layer)" if len(frozen) == 1 else \
+        "are fused expert weights (3-D, not linear layers)"
+    why = f"; {', '.join(frozen)} {kind}: {method} {fate}" if frozen else ""
     missing = [w for w in parse_targets(targets) if w not in TARGET_SHORTHANDS and w not in available]
     if missing:
         return (f"targets={targets!r}: no linear layer named {', '.join(missing)} in {where}; its layers are "
-                f"{', '.join(available)}")
+                f"{layers}{why if set(missing) & set(frozen) else ''}")
     if not chosen:
-        return f"targets={targets!r} selects no linear layer of {where}; its layers are {', '.join(available)}"
+        return f"targets={targets!r} selects no linear layer of {where}; its layers are {layers}{why}"
     return None
 
 
-def target_linears(model: nn.Module, targets: str) -> list[tuple[str, nn.Module]]:
+def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every candidate linear layer in the decoder blocks: routers and
+    one-output gates left out (`is_router`)."""
+    prefix, _ = decoder_layers(model)
+    pattern = re.compile(re.escape(prefix) + r"\.\d+\.")
+    modules = dict(model.named_modules())
+    found = []
+    for name, m in modules.items():
+        if is_linear(m) and pattern.match(name) and not is_router(name, m, modules.get(name.rpartition(".")[0])):
+            found.append((name, m))
+    return found
+
+
+def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every fused expert weight in the decoder blocks: the 3-D float
+    parameters (E, m, n), one matrix per expert, of a module named like experts (a convolution's
+    3-D kernel, as in Qwen3-Next's linear attention, is not one)."""
+    prefix, _ = decoder_layers(model)
+    pattern = re.compile(re.escape(prefix) + r"\.\d+\.")
+    return [(name, p) for name, p in model.named_parameters()
+            if p.dim() == 3 and p.is_floating_point() and pattern.match(name)
+            and "expert" in name.rpartition(".")[0].rsplit(".", 1)[-1].lower()]
+
+
+def target_linears(model: nn.Module, targets: str, experts_allowed: bool = False,
+                   method: str = "LoRA") -> list[tuple[str, nn.Module]]:
     """(path, module) of every linear layer in the decoder blocks that `targets` selects.
 
     Raises ValueError naming the available layer names when a listed name matches nothing.
+    experts_allowed: the fused expert weights' names are valid targets too (GaLore, which
+    takes them from `target_experts`); a list naming only experts then selects no linear.
+    method: named in the message when a target is an expert weight `method` cannot take.
     """
-    prefix, _ = decoder_layers(model)
-    pattern = re.compile(re.escape(prefix) + r"\.\d+\.")
-    found = [(name, m) for name, m in model.named_modules() if is_linear(m) and pattern.match(name)]
+    found = block_linears(model)
     chosen = [(name, m) for name, m in found if matches(name, targets)]
-    problem = targets_problem(targets, [name.rsplit(".", 1)[-1] for name, _ in found], bool(chosen), "this model")
+    experts = [name.rsplit(".", 1)[-1] for name, _ in expert_parameters(model)]
+    any_expert = experts_allowed and bool(target_experts(model, targets))
+    problem = targets_problem(targets, [name.rsplit(".", 1)[-1] for name, _ in found], bool(chosen) or any_expert,
+                              "this model", experts, experts_allowed, method)
     if problem:
         raise ValueError(problem)
     return chosen
+
+
+def target_experts(model: nn.Module, targets: str) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of the fused expert weights `targets` selects (GaLore projects each of
+    their E matrices): "all-linear", "mlp" (the block part they sit in) or their names."""
+    return [(name, p) for name, p in expert_parameters(model) if matches(name, targets)]

@@ -48,6 +48,16 @@ the moments shaped as that Linear's — a Conv1D model trains as its nn.Linear t
 layers and explicit proj_type="left"/"right" included. The projected group lists which weights
 are stored so (`fan_in_fan_out`, one flag per parameter, as peft names the same thing).
 
+Mixture-of-experts models store a block's experts as one 3-D parameter (E, m, n) — transformers'
+fused `mlp.experts.gate_up_proj` and `down_proj`. GaLore treats it as the E matrices it holds
+(`ExpertProjectors`): each expert has its own projector, SVD, refresh schedule and low-rank
+moments (kept stacked, (E, r, n), with 8-bit blocks per expert), is clipped by its own norm and
+updated on its own — exactly what E separate (m, n) weights would get. The update runs expert by
+expert, so its temporaries are one expert's (under `none` data parallelism each expert's
+projection is reduced in turn); a layer-wise hook projects the whole gradient first (E low-rank
+pieces) and frees it. Selected by targets like the linears ("all-linear", "mlp", or their names
+`gate_up_proj`, `down_proj`).
+
 Against galore-torch 1.0 (same trajectory otherwise, tests/lowrank/test_galore.py): eps and
 weight decay follow torch.optim.AdamW (eps added after the bias correction, decay before the
 step; galore-torch adds eps before and decays after); no m×n temporaries (it makes two per
@@ -69,7 +79,7 @@ from estimator import constants
 from estimator.config import GaLoreConfig, TrainSetup
 from estimator.constants import ADAM8_BLOCK, ADAM8_MIN_SIZE
 from estimator.distributed import greedy_partition
-from estimator.targets import target_linears
+from estimator.targets import target_experts, target_linears
 
 from .distributed import Parallel
 from .full import save as save  # a model folder, as full training saves
@@ -119,6 +129,53 @@ class TransposedProjector(GaLoreProjector):
 
     def add_back_(self, weight: Tensor, low: Tensor, alpha: float, beta: float = 1.0) -> None:
         super().add_back_(weight.T, low, alpha=alpha, beta=beta)
+
+
+class ExpertProjectors:
+    """The projectors of a fused expert weight (E, m, n): one `GaLoreProjector` per expert matrix.
+
+    Offers what the optimizer asks of a projector for the whole tensor — `due` (any expert's
+    refresh is due), `project` ((E, m, n) -> (E, ...), each expert by its own projector, written
+    into one tensor) and the state — while updates go expert by expert (`experts`).
+    """
+
+    def __init__(self, experts: list[GaLoreProjector]) -> None:
+        self.experts = experts
+        self.scale, self.side = experts[0].scale, experts[0].side
+
+    def due(self, step: int) -> bool:
+        return any(proj.due(step) for proj in self.experts)
+
+    def low_rank_shape(self) -> tuple[int, ...]:
+        return (len(self.experts), *self.experts[0].low_rank_shape())
+
+    def project(self, grad: Tensor) -> Tensor:
+        """G (E, m, n) -> R (E, r, n) or (E, m, r): each expert's projection, no per-expert copy."""
+        out = grad.new_empty(self.low_rank_shape())
+        for e, proj in enumerate(self.experts):
+            mats = {side: (m if m.dtype == grad.dtype else m.to(grad.dtype)) for side, m in proj.matrices().items()}
+            if proj.side == "left":
+                torch.matmul(mats["left"].T, grad[e], out=out[e])
+            elif proj.side == "right":
+                torch.matmul(grad[e], mats["right"].T, out=out[e])
+            else:
+                torch.matmul(mats["left"].T @ grad[e], mats["right"].T, out=out[e])
+            del mats
+        return out
+
+    def state_tensors(self) -> list[Tensor]:
+        return [t for proj in self.experts for t in proj.state_tensors()]
+
+    def state_dict(self) -> dict:
+        return {"experts": [proj.state_dict() for proj in self.experts]}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["experts"]
+        if len(saved) != len(self.experts):
+            raise ValueError(f"a saved fused expert weight has {len(saved)} experts, this one {len(self.experts)}: "
+                             "load a state of the same model")
+        for proj, one in zip(self.experts, saved):
+            proj.load_state_dict(one)
 
 
 class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
@@ -185,11 +242,20 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
         if layerwise:
             self._hooks = self._register_hooks()
 
-    def make_projector(self, p: Tensor, group: dict, name: str, index: int, count: int) -> GaLoreProjector:
-        """The projector of the `index`-th of `count` projected weights (staggered if asked)."""
+    def make_projector(self, p: Tensor, group: dict, name: str, index: int,
+                       count: int) -> GaLoreProjector | ExpertProjectors:
+        """The projector of the `index`-th of `count` projected weights (staggered if asked); of a
+        fused expert weight (E, m, n), one per expert (`ExpertProjectors`)."""
+        if p.dim() == 3:
+            gap = group["update_proj_gap"]
+            return ExpertProjectors([
+                GaLoreProjector(tuple(p.shape[1:]), group["rank"], gap, group["scale"], group["proj_type"], group["svd"],
+                                self._weight_dtype(p), offset=index * gap // count if group["stagger"] else 0,
+                                seed=index + e * count, name=f"{name}[{e}]", make_store=self._make_store)
+                for e in range(p.shape[0])])
         if p.dim() != 2:
-            raise ValueError(f"GaLore projects 2-D weights; got a parameter of shape {tuple(p.shape)}: "
-                             "put it in a group without 'rank'")
+            raise ValueError(f"GaLore projects 2-D weights and fused expert weights (3-D); got a parameter of shape "
+                             f"{tuple(p.shape)}: put it in a group without 'rank'")
         gap = group["update_proj_gap"]
         transposed = p in self._fan_in_fan_out
         projector = TransposedProjector if transposed else GaLoreProjector
@@ -233,7 +299,13 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
         self._micro.clear()
 
     def projectors(self) -> list[GaLoreProjector]:
-        return [s["projector"] for s in self.state.values() if "projector" in s]
+        """Every projector, a fused expert weight's one per expert."""
+        out = []
+        for state in self.state.values():
+            projector = state.get("projector")
+            if projector is not None:
+                out += projector.experts if isinstance(projector, ExpertProjectors) else [projector]
+        return out
 
     def layer_info(self) -> list[dict]:
         """Per projected weight: name, shape, rank, side, current gap, SVDs done, next refresh
@@ -245,7 +317,8 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
         everyone = self.parallel.gather_to_main(rows)
         if everyone is None:
             return rows
-        owners = [self._owner[p] for p, state in self.state.items() if "projector" in state]
+        owners = [self._owner[p] for p, state in self.state.items() if "projector" in state
+                  for _ in getattr(state["projector"], "experts", [None])]
         return [everyone[owner][i] for i, owner in enumerate(owners)]
 
     def _local_layer_info(self) -> list[dict]:
@@ -262,8 +335,8 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["state"] = {key: {k: (v.state_dict() if isinstance(v, GaLoreProjector) else v) for k, v in st.items()}
-                       for key, st in sd["state"].items()}
+        sd["state"] = {key: {k: (v.state_dict() if isinstance(v, (GaLoreProjector, ExpertProjectors)) else v)
+                             for k, v in st.items()} for key, st in sd["state"].items()}
         return sd
 
     def whole_state_dict(self) -> dict:
@@ -371,6 +444,8 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
         state = self.state[p]
         projector = state.get("projector")
         if projector is not None and self._owner is None and not projector.due(state.get("step", 0)):
+            if isinstance(projector, ExpertProjectors):  # reduced expert by expert as it is updated
+                return None
             low = projector.project(grad)
             self._reduce_in_place(p, low)
             return low
@@ -445,6 +520,8 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
         state = self.state[p]
         step = state.get("step", 0)
         projector = state.get("projector")
+        if isinstance(projector, ExpertProjectors):
+            return self._update_experts(p, group, grad, low)
         if projector is not None and low is None:
             if projector.due(step):
                 projector.refresh(grad, step)
@@ -474,17 +551,58 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
             del m, g, low
             self._add_back(p, projector, direction, alpha=-step_size * projector.scale, beta=1 - lr * wd)
 
-    def _init_moments(self, state: dict, g: Tensor, dtype: torch.dtype) -> None:
-        if self.optim_bits == 8 and g.numel() >= self.min_8bit_size:
-            blocks = math.ceil(g.numel() / ADAM8_BLOCK)
+    def _update_experts(self, p: Tensor, group: dict, grad: Tensor | None, low: Tensor | None) -> None:
+        """AdamW on a fused expert weight (E, m, n), expert by expert, each as a weight of its own:
+        its projection (refreshed when due), its norm and clipping, its slice of the moments."""
+        state = self.state[p]
+        step = state.get("step", 0)
+        projectors: ExpertProjectors = state["projector"]
+        # data parallel without sharding, between refreshes: `_reduce_gradient` left the gradient to
+        # us; each expert's projection is reduced in turn, so one expert's R is alive at a time
+        reduce_each = self.parallel is not None and self._owner is None and low is None and not projectors.due(step)
+        if "exp_avg" not in state:
+            self._init_moments(state, p, self._weight_dtype(p), shape=projectors.low_rank_shape())
+        state["step"] = t = step + 1
+        lr, wd, (beta1, _) = group["lr"], group["weight_decay"], group["betas"]
+        step_size = lr / (1 - beta1**t)
+        for e, projector in enumerate(projectors.experts):
+            if low is None:
+                if projector.due(step):
+                    projector.refresh(grad[e], step)
+                    self._share_projection(projector)
+                g = projector.project(grad[e])  # (r, n) or (m, r): one expert's
+                if reduce_each:
+                    self._reduce_in_place(p, g)
+            else:
+                g = low[e]  # projected in a hook (or reduced across ranks) already
+            norm = torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32))
+            self._norm_sq = norm.square() if self._norm_sq is None else self._norm_sq + norm.square().to(self._norm_sq)
+            if self.grad_clip is not None:
+                g.mul_((self.grad_clip / (norm + 1e-6)).clamp_(max=1.0))
+            expert = {k: (v[e] if k in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax") else v)
+                      for k, v in state.items() if isinstance(v, Tensor)}
+            m, denom = self._moments(expert, g.reshape(-1), slice(0, g.numel()), group, t)
+            direction = torch.div(m, denom, out=denom).view(g.shape).to(self._weight_dtype(p))
+            del m, denom, g, expert  # nothing of this expert's may wait for the next one
+            self._add_back(p[e], projector, direction, alpha=-step_size * projector.scale, beta=1 - lr * wd)
+            del direction
+
+    def _init_moments(self, state: dict, g: Tensor, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> None:
+        """Moments shaped as `g`; or as `shape` (E, r, n) for a fused expert weight, stacked per expert
+        (8-bit or not by one expert's size, its absmax blocks its own: (E, blocks))."""
+        lead = () if shape is None else shape[:1]  # (E,): one expert's blocks per row
+        shape = tuple(g.shape) if shape is None else shape
+        per = math.prod(shape[len(lead):])
+        if self.optim_bits == 8 and per >= self.min_8bit_size:
+            blocks = (*lead, math.ceil(per / ADAM8_BLOCK))
             for key in ("exp_avg", "exp_avg_sq"):
-                state[key] = torch.zeros(g.shape, dtype=torch.uint8, device=g.device)
+                state[key] = torch.zeros(shape, dtype=torch.uint8, device=g.device)
                 state[key + "_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=g.device)
             state["qmap_signed"], state["qmap_unsigned"] = self._maps(g.device)
         else:
             moment_dtype = torch.float32 if self.optim_bits == 8 else dtype  # bnb keeps small states fp32
-            state["exp_avg"] = torch.zeros(g.shape, dtype=moment_dtype, device=g.device)
-            state["exp_avg_sq"] = torch.zeros(g.shape, dtype=moment_dtype, device=g.device)
+            state["exp_avg"] = torch.zeros(shape, dtype=moment_dtype, device=g.device)
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=moment_dtype, device=g.device)
 
     def _maps(self, device: torch.device) -> tuple[Tensor, Tensor]:
         if device not in self._qmaps:
@@ -517,17 +635,20 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
 
 
 def galore_param_groups(model: nn.Module, cfg: GaLoreConfig) -> list[dict]:
-    """Two named groups: the targeted linear weights (projected) and every other trainable parameter.
+    """Two named groups: the targeted weights (projected: linear weights, and fused expert weights
+    of mixture-of-experts blocks, each expert's matrix on its own) and every other trainable parameter.
 
     GPT-2's Conv1D weights, stored (in, out), are flagged in the projected group's `fan_in_fan_out`
     (present only when there are any). Raises ValueError when `cfg.rank` exceeds the smaller
-    dimension of a targeted weight.
+    dimension of a targeted weight (of an expert's matrix).
     """
-    chosen = [(path, m) for path, m in target_linears(model, cfg.targets) if m.weight.requires_grad]
+    chosen = [(path, m) for path, m in target_linears(model, cfg.targets, experts_allowed=True, method="GaLore")
+              if m.weight.requires_grad]
     targets = {id(m.weight): f"{path}.weight" for path, m in chosen}
+    targets.update({id(p): name for name, p in target_experts(model, cfg.targets) if p.requires_grad})
     transposed = {id(m.weight) for _, m in chosen if type(m).__name__ == "Conv1D"}  # stored (in, out)
-    too_small = [(name, tuple(p.shape)) for name, p in model.named_parameters()
-                 if id(p) in targets and cfg.rank > min(p.shape)]
+    too_small = [(name, tuple(p.shape[-2:])) for name, p in model.named_parameters()
+                 if id(p) in targets and cfg.rank > min(p.shape[-2:])]
     if too_small:
         smallest = min(min(shape) for _, shape in too_small)
         listed = ", ".join(f"{name} ({shape[0]}×{shape[1]})" for name, shape in too_small[:3])

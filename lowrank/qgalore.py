@@ -40,10 +40,10 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from estimator.config import QGaLoreConfig, TrainSetup
-from estimator.targets import target_linears
+from estimator.targets import target_experts, target_linears
 
 from .distributed import Parallel
-from .galore import GaLoreAdamW
+from .galore import ExpertProjectors, GaLoreAdamW
 from .methods import Prepared
 from .projector import GaLoreProjector
 from .quant import CONSTANT_DTYPE, QuantizedMatrix, dequantize, num_groups, quantize, stochastic_update_
@@ -187,7 +187,8 @@ def quantize_model_weights(model: nn.Module, cfg: QGaLoreConfig) -> nn.Module:
     """
     if int8_linears(model):
         raise ValueError("this model already has Int8Linear layers; quantize_model_weights runs once per model")
-    names = [name for name, _ in target_linears(model, cfg.targets)]  # names only: hold no layer
+    # names only: hold no layer; fused expert weights (3-D) stay in the weight dtype
+    names = [name for name, _ in target_linears(model, cfg.targets, experts_allowed=True, method="Q-GaLore")]
     for name in names:
         parent, _, child = name.rpartition(".")
         layer = Int8Linear.from_linear(model.get_submodule(name), cfg.weight_group_size)
@@ -335,6 +336,23 @@ class AdaptiveGap:
         self.history = [GapRecord(**r) for r in state["history"]]
 
 
+class ExpertGaps:
+    """The adaptive gaps of a fused expert weight's projectors (`ExpertProjectors`), one per expert."""
+
+    def __init__(self, gaps: list[AdaptiveGap]) -> None:
+        self.gaps = gaps
+
+    def state_tensors(self) -> list[Tensor]:
+        return [t for gap in self.gaps for t in gap.state_tensors()]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"experts": [gap.state_dict() for gap in self.gaps]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for gap, saved in zip(self.gaps, state["experts"], strict=True):
+            gap.load_state_dict(saved)
+
+
 # ----------------------------------------------------------------------------- the optimizer
 class QGaLoreAdamW(GaLoreAdamW):
     """GaLore AdamW whose projected weights are Int8Linear layers (Q-GaLore, arXiv 2407.08296).
@@ -344,6 +362,10 @@ class QGaLoreAdamW(GaLoreAdamW):
     the compute dtype and added by unbiased stochastic rounding (`Int8Linear.apply_update`).
     Projections are held in `proj_bits` groups (INT4 packed two to a byte by default) and each
     layer's refresh gap adapts (`AdaptiveGap`). Everything else is GaLore AdamW's.
+
+    Fused expert weights of mixture-of-experts blocks (3-D, in the group as float parameters) are
+    projected expert by expert as GaLore does (`ExpertProjectors`), each expert's projection in
+    INT4 with its own adaptive gap; the weights themselves stay in the weight dtype (no INT8).
     """
 
     def __init__(self, params, layers: dict[Tensor, Int8Linear], cfg: QGaLoreConfig, dtype: torch.dtype,
@@ -354,11 +376,14 @@ class QGaLoreAdamW(GaLoreAdamW):
         self._generators: dict[Tensor, torch.Generator] = {}  # one stream per layer (see _generator)
         super().__init__(params, **kwargs)
 
-    def make_projector(self, p: Tensor, group: dict, name: str, index: int, count: int) -> GaLoreProjector:
+    def make_projector(self, p: Tensor, group: dict, name: str, index: int,
+                       count: int) -> GaLoreProjector | ExpertProjectors:
         projector = super().make_projector(p, group, name, index, count)
-        gap = AdaptiveGap.from_config(self._cfg, "right" if projector.side == "right" else "left")
-        projector.on_refresh = gap
-        self.state[p]["adaptive"] = gap
+        gaps = []
+        for one in getattr(projector, "experts", [projector]):
+            gaps.append(AdaptiveGap.from_config(self._cfg, "right" if one.side == "right" else "left"))
+            one.on_refresh = gaps[-1]
+        self.state[p]["adaptive"] = ExpertGaps(gaps) if isinstance(projector, ExpertProjectors) else gaps[0]
         return projector
 
     def _make_store(self, dtype: torch.dtype) -> QuantizedStore:
@@ -426,21 +451,20 @@ class QGaLoreAdamW(GaLoreAdamW):
     def _local_layer_info(self) -> list[dict]:
         """GaLore's per-layer info plus each layer's similarity history (the app plots it)."""
         info = super()._local_layer_info()
-        for row, state in zip(info, (self.state[p] for p in self._layers)):
-            gap = state["adaptive"]
-            row["similarities"] = gap.similarities
+        for row, projector in zip(info, self.projectors()):
+            row["similarities"] = projector.on_refresh.similarities
         return info
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
         for st in sd["state"].values():
-            if isinstance(st.get("adaptive"), AdaptiveGap):
+            if isinstance(st.get("adaptive"), (AdaptiveGap, ExpertGaps)):
                 st["adaptive"] = st["adaptive"].state_dict()
         sd["rounding_rng"] = {self._layer_index[codes]: gen.get_state() for codes, gen in self._generators.items()}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        gaps = {p: self.state[p]["adaptive"] for p in self._layers}
+        gaps = {p: state["adaptive"] for p, state in self.state.items() if "adaptive" in state}
         saved = {k: dict(v) for k, v in state_dict["state"].items()}
         adaptive = {k: v.pop("adaptive") for k, v in saved.items() if "adaptive" in v}
         super().load_state_dict({**state_dict, "state": saved})
@@ -451,7 +475,12 @@ class QGaLoreAdamW(GaLoreAdamW):
                 continue
             gaps[p].load_state_dict(state)
             self.state[p]["adaptive"] = gaps[p]
-            self.state[p]["projector"].on_refresh = gaps[p]
+            projector = self.state[p]["projector"]
+            if isinstance(projector, ExpertProjectors):
+                for one, gap in zip(projector.experts, gaps[p].gaps):
+                    one.on_refresh = gap
+            else:
+                projector.on_refresh = gaps[p]
         by_layer = {i: codes for codes, i in self._layer_index.items()}
         for i, rng in state_dict.get("rounding_rng", {}).items():
             self._generator(by_layer[int(i)]).set_state(rng)
@@ -461,12 +490,15 @@ def build_qgalore_optimizer(model: nn.Module, cfg: QGaLoreConfig, lr: float, wei
                             betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                             grad_clip: float | None = None, seed: int = 0, grad_accum: int = 1,
                             parallel: Parallel | None = None) -> QGaLoreAdamW:
-    """Q-GaLore's optimizer for a model whose target layers `quantize_model_weights` converted."""
+    """Q-GaLore's optimizer for a model whose target layers `quantize_model_weights` converted
+    (and the fused expert weights `cfg.targets` selects, projected expert by expert)."""
     layers = int8_linears(model)
-    if not layers:
+    experts = [(name, p) for name, p in target_experts(model, cfg.targets) if p.requires_grad]
+    if not layers and not experts:
         raise ValueError("the model has no Int8Linear layers: call quantize_model_weights(model, cfg) first")
     too_small = [(path, (layer.out_features, layer.in_features)) for path, layer in layers
                  if cfg.rank > min(layer.out_features, layer.in_features)]
+    too_small += [(name, tuple(p.shape[1:])) for name, p in experts if cfg.rank > min(p.shape[1:])]
     if too_small:
         smallest = min(min(shape) for _, shape in too_small)
         raise ValueError(f"rank={cfg.rank} is larger than the smaller dimension of {len(too_small)} targeted "
@@ -474,8 +506,9 @@ def build_qgalore_optimizer(model: nn.Module, cfg: QGaLoreConfig, lr: float, wei
                          f"set rank ≤ {smallest}")
     floats = [p for p in model.parameters() if p.is_floating_point()]
     dtype = floats[0].dtype if floats else torch.float32
-    projected = [(f"{path}.weight", layer.weight_codes) for path, layer in layers]
-    others = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    projected = [(f"{path}.weight", layer.weight_codes) for path, layer in layers] + experts
+    expert_ids = {id(p) for _, p in experts}
+    others = [(name, p) for name, p in model.named_parameters() if p.requires_grad and id(p) not in expert_ids]
     groups = [{"params": projected, "rank": cfg.rank, "update_proj_gap": cfg.update_proj_gap, "scale": cfg.scale,
                "proj_type": cfg.proj_type, "svd": cfg.svd, "stagger": cfg.stagger}]
     groups += [{"params": others}] if others else []
