@@ -2,8 +2,9 @@
 
 Prints a readable breakdown by default, the estimate's JSON object with --json
 (`Estimate.to_dict`: model, method, params, peak_bytes, phase, moment, breakdown, overhead_bytes,
-moments, activation_terms, options, notes). Bad input exits with status 2 and one line naming
-the value and the fix.
+moments, activation_terms, options, notes, load). A GPU must hold the larger of the step's peak
+and the load's (building and preparing the model, estimator/load.py), plus the overhead. Bad
+input exits with status 2 and one line naming the value and the fix.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def render(est: Estimate) -> str:
         value = est.breakdown[cat]
         bar = "█" * round(24 * value / width)
         lines.append(f"  {cat:<12} {gib(value):>14}  {100 * value / max(est.peak_bytes, 1):5.1f}%  {bar}")
+    larger = " (the larger: what a GPU must hold)" if est.load_bytes > est.peak_bytes else ""
+    lines.append(f"load (build, cast, move, prepare): {gib(est.load_bytes)} at {est.load_moment}{larger}")
     if est.overhead_bytes:
         lines.append(f"overhead (CUDA context, allocator slack): {gib(est.overhead_bytes)} → "
                      f"needs {gib(est.total_bytes)} on a GPU")

@@ -28,8 +28,10 @@ What cannot run on fake tensors, and what the dry run does instead:
     dry run computes it for real first (1 KiB on CPU), as the first real quantization would.
   * Params4bit cannot wrap a fake tensor: lowrank/qlora.py keeps fake 4-bit codes in a plain
     frozen Parameter that carries the same quant_state (the forward reads nothing else).
-  * `Module.to` must swap fake parameters, which fake tensors refuse: the model is cast on meta,
-    before it becomes fake, and `prepare` skips a cast that changes nothing.
+  * `Module.to` must swap fake parameters, which fake tensors refuse: the model is cast tensor by
+    tensor instead (lowrank/load.py `cast_model`, what a real run does too), and `prepare` skips
+    a cast that changes nothing. The fake model starts in the dtype a real run builds or loads it
+    in, so the load (building, casting, moving, preparing) is measured beside the step.
   * not a workaround but a shortcut: Q-GaLore's INT8 code (lowrank/quant.py) works in blocks of
     1M elements that all allocate alike; on fake tensors it traces the first block only (and a
     short last group), the same memory trace without ~6,000 blocks per pass over a 7B model.
@@ -54,10 +56,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 from estimator.config import MethodConfig, TrainSetup
 from estimator.constants import torch_dtype
 from estimator.distributed import rank_setup
-from estimator.spec import attention_fallback, load_config
+from estimator.load import built_dtype
+from estimator.spec import attention_fallback, load_config, load_spec
 
 from .device import FAKE_CUDA_FALLBACK, resolve_device
 from .distributed import Parallel
+from .load import LoadMemory, place
 from .memory import Measured
 from .methods import prepare
 from .step import measure_steady_step
@@ -79,8 +83,10 @@ class DryRunMode(FakeTensorMode):
         return super().__torch_dispatch__(func, types, args, kwargs or {})
 
 
-def fake_model(config, setup: TrainSetup, mode: FakeTensorMode, device: torch.device) -> nn.Module:
-    """The causal LM of `config` in `setup.dtype`, every parameter and buffer a fake tensor on `device`.
+def fake_model(config, setup: TrainSetup, mode: FakeTensorMode, device: torch.device,
+               dtype: str | None = None) -> nn.Module:
+    """The causal LM of `config` in `dtype` (default `setup.dtype`), every parameter and buffer a
+    fake tensor on `device`.
 
     Built and cast on meta (no memory, no init work), then each tensor is faked once, so tied
     weights stay tied.
@@ -90,7 +96,7 @@ def fake_model(config, setup: TrainSetup, mode: FakeTensorMode, device: torch.de
     attn, _ = attention_fallback(config, setup.attn_implementation)  # eager where the family has no SDPA
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
-    model.to(torch_dtype(setup.dtype))  # what prepare's cast would do, done while it still works
+    model.to(torch_dtype(dtype or setup.dtype))  # done while Module.to still works (not on fakes)
     faked: dict[int, torch.Tensor] = {}
 
     def fake(t: torch.Tensor, parameter: bool) -> torch.Tensor:
@@ -147,7 +153,11 @@ def dry_run(model: str, method: MethodConfig, setup: TrainSetup, device: str = "
     model: a preset, config.json path, model folder or hub id (`estimator.spec.load_config`).
     rank: which rank of a `setup.gpus`-rank job this step is. Ranks differ only under ZeRO-1,
     where each owns other tensors (the estimate is the largest rank's).
-    Returns what `measure_step` returns for a real run: peak, phase and breakdown by category.
+    Returns what `measure_step` returns for a real run: peak, phase and breakdown by category,
+    and `load_peak_bytes`: the load measured the same way — the model faked in the dtype the
+    trainer builds or loads it in, then cast, moved and prepared by the real code (lowrank/load.py;
+    only storages on the device count). A model built from its config makes no untied lm_head
+    here (transformers builds on meta), which a real CPU build briefly holds for tied models.
     """
     if not 0 <= rank < setup.gpus:
         raise ValueError(f"rank={rank} is not a rank of a {setup.gpus}-GPU job; give 0 to {setup.gpus - 1}")
@@ -155,15 +165,22 @@ def dry_run(model: str, method: MethodConfig, setup: TrainSetup, device: str = "
     if device.startswith("cuda") and fake_device.type != "cuda":
         warnings.warn(FAKE_CUDA_FALLBACK, stacklevel=2)
     config = load_config(model, trust_remote_code)
+    built = built_dtype(load_spec(model, trust_remote_code))
     # real constants (code tables) become fake on use; an operator without a fake kernel raises
     # rather than running for real on zero-filled tensors
     mode = DryRunMode(allow_non_fake_inputs=True, allow_fallback_kernels=False)
-    net = fake_model(config, setup, mode, fake_device)
+    net = fake_model(config, setup, mode, torch.device("cpu"), dtype=built)  # on the host, as built
     with _real_run_answers(), fake_process_group(setup.gpus, rank), mode:
         parallel = Parallel(setup.shard, setup.gpus, rank, fake_device, fake=True) if setup.gpus > 1 else None
-        prepared = prepare(net, method, setup, lr=LR, grad_clip=grad_clip, parallel=parallel)
+        with LoadMemory(fake_device, tracker=True) as load:
+            load.watch(net)
+            # moved whole before FSDP wraps it (a real run lets fully_shard move it block by block)
+            prepared = prepare(place(net, method, setup, fake_device), method, setup, lr=LR, grad_clip=grad_clip,
+                               parallel=parallel)
         batches = micro_batches(config.vocab_size, rank_setup(setup), fake_device)
-        return measure_steady_step(prepared, batches, setup)
+        measured = measure_steady_step(prepared, batches, setup)
+    measured.load_peak_bytes = load.peak
+    return measured
 
 
 @contextlib.contextmanager

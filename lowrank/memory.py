@@ -58,10 +58,14 @@ class Measured:
     breakdown: dict[str, int]
     overhead_bytes: int = 0
     phase_peaks: dict[str, int] = field(default_factory=dict)
+    load_peak_bytes: int | None = None  # a dry run's load (lowrank/dryrun.py), measured the same way
 
     def to_dict(self) -> dict:
-        return {"peak_bytes": self.peak_bytes, "phase": self.phase, "breakdown": dict(self.breakdown),
-                "overhead_bytes": self.overhead_bytes, "phase_peaks": dict(self.phase_peaks)}
+        out = {"peak_bytes": self.peak_bytes, "phase": self.phase, "breakdown": dict(self.breakdown),
+               "overhead_bytes": self.overhead_bytes, "phase_peaks": dict(self.phase_peaks)}
+        if self.load_peak_bytes is not None:
+            out["load_peak_bytes"] = self.load_peak_bytes
+        return out
 
 
 @dataclass
@@ -96,10 +100,13 @@ def quantized_state_tensors(module: torch.nn.Module) -> Iterable[torch.Tensor]:
 class MemoryTracker(TorchDispatchMode):
     """Tracks live tensor storages through one step; see the module docstring."""
 
-    def __init__(self, records: bool = True) -> None:
-        """records=False only counts live and peak bytes (cheap enough for every step)."""
+    def __init__(self, records: bool = True, device_type: str | None = None) -> None:
+        """records=False only counts live and peak bytes (cheap enough for every step);
+        device_type: count only storages on that kind of device ("cuda": a dry run's load, whose
+        model starts on the host)."""
         super().__init__()
         self._keep_records = records
+        self._device_type = device_type
         self._storages: dict[int, _Storage] = {}
         self._refs: dict[int, weakref.ref] = {}
         self._records: list[_Storage] = []
@@ -120,6 +127,8 @@ class MemoryTracker(TorchDispatchMode):
             return None
         if isinstance(tensor, DTensor):  # a shard (FSDP2): this rank holds its local tensor only
             tensor = tensor._local_tensor
+        if tensor.device.type == "meta" or self._device_type not in (None, tensor.device.type):
+            return None  # meta: shapes without memory (a model built there before its weights load)
         try:
             st = tensor.untyped_storage()
         except (RuntimeError, NotImplementedError):  # sparse or opaque tensors

@@ -15,7 +15,8 @@ A run folder holds:
     config.json      the RunSpec (model, method, setup, run options) and what the run found
     metrics.jsonl    one line per step (flushed): loss, lr, grad_norm, tokens/s, step time, the
                      step's peak memory, eval loss when evaluated, GaLore layer gaps
-    summary.json     {"predicted", "measured" (same shape), "comparison", "final", "status"}
+    summary.json     {"predicted", "measured" (same shape), "comparison", "final", "status",
+                     "load_peak_bytes" (measured; predicted["load"] beside it)}
     checkpoints/     checkpoint.pt (what --resume needs: every --checkpoint-minutes and at the end,
                      written atomically) and step-N/ (a usable snapshot every --save-every steps)
     final/           the trained model (a PEFT adapter for LoRA/QLoRA)
@@ -23,7 +24,10 @@ A run folder holds:
     tokenizer/       the tokenizer the run used
 
 Memory is measured on every step (CUDA: the allocator's peak; CPU: live tensor storages), and by
-category at `measure_step` (default 2: the first step after the optimizer states exist).
+category at `measure_step` (default 2: the first step after the optimizer states exist). The load
+— building the model, casting it on the host, moving it, the method's own work (lowrank/load.py)
+— is measured the same way before the first step (CUDA: the allocator's peak since the process
+started, read before the first step resets it).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from estimator.options import Option, flags_for, option_flags
 from .checkpoints import load_checkpoint, save_base, save_checkpoint, write_atomically
 from .device import device_capacity, resolve_device
 from .distributed import Parallel
+from .load import LoadMemory, place
 from .memory import StepMemory, cuda_measurement
 from .methods import Prepared, prepare, save_model
 from .step import autocast, measure_step, training_step
@@ -222,6 +227,7 @@ class Session:
     params_total: int | None = None
     pretrained: bool = False  # loaded from saved weights (a LoRA adapter then needs no base/)
     parallel: Parallel | None = None  # this rank's place in a data-parallel job (torchrun)
+    load_peak_bytes: int | None = None  # measured: building the model and preparing it (lowrank/load.py)
 
     @property
     def is_main(self) -> bool:
@@ -305,10 +311,22 @@ def start_session(spec: RunSpec) -> Session:
     if data.kind == "jsonl":  # prompt/response rows are padded: attention takes the masked path
         setup = dataclasses.replace(setup, padded=True)
     predicted = estimate_spec(model_spec, spec.method, setup, device=device.type)
-    model, pretrained = build_model(spec, setup)
-    prepared = prepare(model.to(device), spec.method, setup, spec.peak_lr, spec.weight_decay, spec.grad_clip,
-                       parallel)
-    return Session(spec, setup, device, data, prepared, predicted, model_spec.params_total, pretrained, parallel)
+    prepared, pretrained, load_peak = load_model(spec, setup, device, parallel)
+    return Session(spec, setup, device, data, prepared, predicted, model_spec.params_total, pretrained, parallel,
+                   load_peak_bytes=load_peak)
+
+
+def load_model(spec: RunSpec, setup: TrainSetup, device: torch.device,
+               parallel: Parallel | None = None) -> tuple[Prepared, bool, int]:
+    """Build (or load) the model, cast it on the host, move it to `device` and apply the method
+    (lowrank/load.py): the prepared model, whether it holds saved weights, and the load's
+    measured peak (CUDA: the allocator's peak so far; CPU: live storages)."""
+    with LoadMemory(device) as load:
+        model, pretrained = build_model(spec, setup)
+        load.watch(model)
+        prepared = prepare(place(model, spec.method, setup, device, parallel), spec.method, setup, spec.peak_lr,
+                           spec.weight_decay, spec.grad_clip, parallel)
+    return prepared, pretrained, load.peak
 
 
 def session_for_model(spec: RunSpec, model: torch.nn.Module, data, device: str = "cpu") -> Session:
@@ -623,12 +641,15 @@ def finish(session: Session, outcome: Outcome, progress: bool = False) -> dict:
             session.data.tokenizer.save_pretrained(final)
     predicted = session.predicted.to_dict()
     measured = outcome.measured
+    if measured is not None and session.load_peak_bytes is not None:
+        measured = {**measured, "load_peak_bytes": session.load_peak_bytes}
     done = outcome.steps - outcome.first
     summary = {
         "status": outcome.status, "message": outcome.message, "model": session.spec.model,
         "method": session.spec.method.method, "device": str(session.device), "gpus": session.setup.gpus,
         "shard": session.setup.shard, "measured_ranks": outcome.measured_ranks,
         "device_capacity_bytes": device_capacity(session.device), "predicted": predicted, "measured": measured,
+        "load_peak_bytes": session.load_peak_bytes,  # measured: building and preparing (predicted["load"])
         "comparison": compare_memory(predicted, measured).to_dict() if measured else None,
         "final": {"steps": outcome.steps,
                   "loss": outcome.last.loss if outcome.last else None, "eval_loss": outcome.eval_loss,

@@ -26,6 +26,7 @@ class Comparison:
     peak_error: float  # (predicted - measured) / measured
     category_errors: dict[str, float]  # same, for categories that count
     failures: list[str] = field(default_factory=list)
+    load_error: float | None = None  # the load's peak (predicted["load"] vs measured["load_peak_bytes"])
 
     @property
     def ok(self) -> bool:
@@ -34,7 +35,7 @@ class Comparison:
     def to_dict(self) -> dict:
         """As summary.json holds it."""
         return {"peak_error": self.peak_error, "category_errors": self.category_errors,
-                "within_targets": self.ok, "failures": self.failures}
+                "within_targets": self.ok, "failures": self.failures, "load_error": self.load_error}
 
 
 def relative_error(predicted: float, measured: float) -> float:
@@ -58,7 +59,23 @@ def compare_memory(predicted: dict, measured: dict, peak_tolerance: float = PEAK
             errors[cat] = relative_error(predicted["breakdown"].get(cat, 0), real)
             if abs(errors[cat]) > category_tolerance:
                 failures.append(f"{cat} {100 * errors[cat]:+.1f}%")
-    return Comparison(peak, errors, failures)
+    load = None
+    if load_bytes(predicted) is not None and load_bytes(measured, measured=True) is not None:
+        load = relative_error(load_bytes(predicted), load_bytes(measured, measured=True))
+    return Comparison(peak, errors, failures, load)
+
+
+def load_bytes(memory: dict | None, measured: bool = False) -> int | None:
+    """The load's peak in a predicted (`"load": {"peak_bytes"}`) or measured (`"load_peak_bytes"`)
+    memory object; None when it has none."""
+    if not isinstance(memory, dict):
+        return None
+    if measured:
+        value = memory.get("load_peak_bytes")
+    else:
+        load = memory.get("load")
+        value = load.get("peak_bytes") if isinstance(load, dict) else None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 @dataclass(frozen=True)
@@ -75,13 +92,17 @@ class Row:
 
 
 def comparison_rows(predicted: dict, measured: dict | None) -> list[Row]:
-    """Every category, then the peak."""
+    """Every category, then the step's peak, then the load's peak when predicted (its measured
+    value None until measured)."""
     def value(source: dict | None, name: str) -> int | None:
         if source is None:
             return None
         return source["peak_bytes"] if name == "peak" else source["breakdown"].get(name, 0)
 
-    return [Row(name, value(predicted, name), value(measured, name)) for name in (*CATEGORIES, "peak")]
+    rows = [Row(name, value(predicted, name), value(measured, name)) for name in (*CATEGORIES, "peak")]
+    if load_bytes(predicted) is not None:
+        rows.append(Row("load", load_bytes(predicted), load_bytes(measured, measured=True)))
+    return rows
 
 
 def comparison_table(predicted: dict, measured: dict) -> str:
@@ -89,6 +110,7 @@ def comparison_table(predicted: dict, measured: dict) -> str:
     lines = [f"{'':<12} {'predicted':>14} {'measured':>14} {'error':>8}"]
     for row in comparison_rows(predicted, measured):
         error = "" if row.error is None else f"{100 * row.error:+7.2f}%"
-        lines.append(f"{row.name:<12} {row.predicted / MiB:>10,.2f} MiB {row.measured / MiB:>10,.2f} MiB {error:>8}")
+        real = "—" if row.measured is None else f"{row.measured / MiB:,.2f} MiB"
+        lines.append(f"{row.name:<12} {row.predicted / MiB:>10,.2f} MiB {real:>14} {error:>8}")
     lines.append(f"{'phase':<12} {predicted.get('phase', ''):>14} {measured.get('phase', ''):>14}")
     return "\n".join(lines)

@@ -161,6 +161,7 @@ def dry_run_cli(spec: RunSpec) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "summary.json", {"status": "dry-run", "model": spec.model, "method": spec.method.method,
                                           "device": device, "gpus": spec.setup.gpus, "shard": spec.setup.shard, "predicted": predicted.to_dict(), "measured": measured,
+                                          "load_peak_bytes": measured.get("load_peak_bytes"),
                                           "comparison": check.to_dict()})
     return 0
 

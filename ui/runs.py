@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lowrank.report import load_bytes
 from lowrank.worker import (
     LIVE_KEYS,
     METRIC_KEYS,
@@ -130,7 +131,8 @@ def _first(*values):
 
 
 def results_table(board: Board) -> pd.DataFrame:
-    """Method, predicted peak, measured peak, error, final loss, eval loss, tokens/s, per run."""
+    """Method, predicted peak, measured peak, error, the load's predicted and measured peak (building
+    and preparing the model: lowrank/load.py), final loss, eval loss, tokens/s, per run."""
     rows = []
     for v in board.runs:
         s = v.summary if isinstance(v.summary, dict) else {}
@@ -143,13 +145,14 @@ def results_table(board: Board) -> pd.DataFrame:
             "run": v.label, "status": v.status, "predicted peak": _bytes((v.predicted or {}).get("peak_bytes")),
             "measured peak": _bytes((v.measured or {}).get("peak_bytes")),
             "error": _num(error, 2, scale=100, sign="+", suffix="%"),
+            "predicted load": _bytes(load_bytes(v.predicted)), "measured load": _bytes(s.get("load_peak_bytes")),
             "final loss": _num(_first(final.get("loss"), last.get("loss"))),
             "eval loss": _num(_first(final.get("eval_loss"), _last_eval(v.metrics))),
             "tokens/s": _num(_first(final.get("tokens_per_s"), last.get("tokens_per_s")), 0),
             "steps": steps if isinstance(steps, int) and not isinstance(steps, bool) else "—",
         })
-    columns = ["run", "status", "predicted peak", "measured peak", "error", "final loss", "eval loss", "tokens/s",
-               "steps"]
+    columns = ["run", "status", "predicted peak", "measured peak", "error", "predicted load", "measured load",
+               "final loss", "eval loss", "tokens/s", "steps"]
     return pd.DataFrame(rows, columns=columns)
 
 

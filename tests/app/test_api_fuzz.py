@@ -32,7 +32,7 @@ MODELS = ["tiny-llama-5m", "tiny-llama-20m", "llama-60m", "llama-7b", "llama7b",
 VALID = {"rank": [1, 4, 8, 64, 1024, 65536], "alpha": [1, 16.0, 0.5, 1e6], "dropout": [0.0, 0.1, 0.9],
          "targets": [*TARGET_SHORTHANDS, "q_proj,v_proj", "nope"], "use_rslora": [False, True],
          "optimizer": list(OPTIMIZERS), "quant_type": list(QUANT_TYPES), "double_quant": [False, True],
-         "compute_dtype": ["bf16", "fp32", "fp16"], "update_proj_gap": [1, 200, 10**9], "scale": [0.25, 1, 1e6],
+         "compute_dtype": ["default", "bf16", "fp32", "fp16"], "recipe": ["ours", "peft"], "update_proj_gap": [1, 200, 10**9], "scale": [0.25, 1, 1e6],
          "proj_type": list(PROJ_TYPES), "layerwise": [False, True], "svd": list(SVD_METHODS), "stagger": [False, True],
          "weight_group_size": [16, 256, 65536], "proj_bits": [4, 8, 16], "proj_group_size": [16, 256, 65536],
          "adaptive": [False, True], "cos_threshold": [0, 0.4, 1.0], "queue_size": [1, 5, 1000]}

@@ -192,9 +192,11 @@ def test_run_folder_files_keep_their_shape(tmp_path):
                          "memory_peak_bytes", "eval_loss"}
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"status", "message", "model", "method", "device", "gpus", "shard", "measured_ranks",
-                            "device_capacity_bytes", "predicted", "measured", "comparison", "final"}
+                            "device_capacity_bytes", "predicted", "measured", "comparison", "final", "load_peak_bytes"}
     assert set(summary["final"]) == {"steps", "loss", "eval_loss", "tokens_per_s", "train_seconds", "final_dir"}
-    assert set(summary["comparison"]) == {"peak_error", "category_errors", "within_targets", "failures"}
+    assert set(summary["comparison"]) == {"peak_error", "category_errors", "within_targets", "failures", "load_error"}
+    assert summary["measured"]["load_peak_bytes"] == summary["load_peak_bytes"] > 0
+    assert set(summary["predicted"]["load"]) == {"peak_bytes", "moment", "breakdown"}
 
 
 def test_resume_from_the_command_line_into_the_folder_it_is_given(tmp_path):
