@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import loss as chunked
 from .spec import ModelSpec
 
 
@@ -42,6 +43,8 @@ class Flow:
     autocast: bool = False
     cast_linear_params: int | None = None  # block linear weights autocast copies (None: all of them)
     padded: bool = False  # batches carry an attention mask
+    loss_chunk: int = 0  # tokens per chunk of the chunked loss (lowrank/loss.py); 0: transformers' full loss
+    softcap: bool = False  # the chunked loss soft-caps each chunk's logits (one more fp32 chunk in backward)
 
     def saves_input(self, short: str) -> bool:
         """Does this linear keep its input (rather than a LoRA dropout copy) for backward?"""
@@ -375,23 +378,31 @@ def traced(spec: ModelSpec) -> bool:
     return spec.family == "traced"
 
 
-def profile(spec: ModelSpec, flow: Flow, seq: int):
+def checkpointed(spec: ModelSpec, flow: Flow) -> bool:
+    """Checkpointing modelled by rule (block inputs kept, each block recomputed in its backward);
+    a traced family's profile is traced with checkpointing on, recomputation included."""
+    return flow.checkpointing and not traced(spec)
+
+
+def profile(spec: ModelSpec, flow: Flow, batch: int, seq: int):
     """The traced activation profile (estimator/profile.py) of what `flow` saves."""
     from .profile import TraceKey, traced_profile
 
     key = TraceKey(dtype="fp32" if flow.autocast or flow.d == 4 else "bf16", trainable=flow.base_trainable,
                    lora_targets=tuple(sorted(flow.lora_targets)), attn=flow.attn, autocast=flow.autocast,
-                   padded=flow.padded)
-    return traced_profile(spec, key, seq)
+                   padded=flow.padded, checkpointing=flow.checkpointing)
+    return traced_profile(spec, key, batch, seq)
 
 
-def lora_saved(flow: Flow, layer, tokens: int) -> dict[str, int]:
+def lora_saved(flow: Flow, layer, tokens: int, seq: int) -> dict[str, int]:
     """What LoRA adds to a traced layer, by part: each target's rank-r lora_A output, and its input —
     once per tensor that no other op keeps already (without dropout; under autocast an fp32 input
     is cast by each consumer), or its own dropout output and mask (with dropout)."""
     out: dict[str, int] = {}
     seen: set[int] = set()
+    batch = tokens // max(1, seq)
     for lin in layer.linears:
+        tokens = batch * (lin.positions or seq)  # rows the linear sees (a family may prepend prompt tokens)
         extra = tokens * flow.lora_rank * flow.d
         if flow.lora_dropout > 0:
             mask = flow.mask_bytes_of(lin.itemsize) if lin.input_grad else 0
@@ -407,23 +418,23 @@ def lora_saved(flow: Flow, layer, tokens: int) -> dict[str, int]:
 
 def traced_layer_saved(flow: Flow, layer, batch: int, seq: int) -> dict[str, int]:
     parts = {part: poly(batch, seq) for part, poly in layer.saved.items()}
-    if flow.lora_targets:
-        for part, extra in lora_saved(flow, layer, batch * seq).items():
+    if flow.lora_targets and not flow.checkpointing:  # checkpointed: LoRA saves in the recomputation
+        for part, extra in lora_saved(flow, layer, batch * seq, seq).items():
             parts[part] = parts.get(part, 0) + extra
     return parts
 
 
 def traced_block_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int, first: bool) -> dict[str, int]:
     """The first layer's saved bytes by part, or the last layer's (the top of backward)."""
-    p = profile(spec, flow, seq)
+    p = profile(spec, flow, batch, seq)
     return traced_layer_saved(flow, p.layers[0] if first else p.layers[p.last], batch, seq)
 
 
 def traced_backward_steps(spec: ModelSpec, flow: Flow, batch: int, seq: int, first: bool) -> list[BackwardStep]:
     """The traced moments of a layer's backward (LoRA's own saved tensors counted alive throughout)."""
-    p = profile(spec, flow, seq)
+    p = profile(spec, flow, batch, seq)
     layer = p.layers[0] if first else p.layers[p.last]
-    lora = sum(lora_saved(flow, layer, batch * seq).values()) if flow.lora_targets else 0
+    lora = sum(lora_saved(flow, layer, batch * seq, seq).values()) if flow.lora_targets else 0
     total = p.grad_bytes.get(layer.index, 0)
     return [BackwardStep((), (), step.transient(batch, seq), alive_bytes=step.alive(batch, seq) + lora,
                          made_share=step.made / total if total else 1.0) for step in layer.steps]
@@ -453,10 +464,38 @@ def block_backward_steps(spec: ModelSpec, flow: Flow, batch: int, seq: int, firs
     return BLOCKS[spec.family][1](spec, flow, batch, seq)
 
 
+def traced_grad_moments(spec: ModelSpec, flow: Flow, batch: int, seq: int, first: bool) -> dict[str, tuple[int, int]]:
+    """(saved bytes of the block still alive, other tensors alive) when each weight's gradient is
+    made, by the weight's short name, in the first block or the last (traced families only)."""
+    p = profile(spec, flow, batch, seq)
+    layer = p.layers[0] if first else p.layers[p.last]
+    return {short: (m.alive(batch, seq), m.transient(batch, seq)) for short, m in layer.grad_moments.items()}
+
+
+def traced_forward_peak(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> tuple[int, int]:
+    """(activations, transient) at the worst moment inside a layer's forward: every earlier
+    layer's saved tensors, what is shared, and the traced moment of this layer (a chunked linear
+    attention's per-chunk state, an MoE layer's expert buffers, ...). Traced families only."""
+    p = profile(spec, flow, batch, seq)
+    saved = [sum(traced_layer_saved(flow, layer, batch, seq).values()) for layer in p.layers]
+    worst = []
+    for layer in p.layers:
+        moments = [(m.alive(batch, seq), m.transient(batch, seq)) for m in layer.forward_steps]
+        worst.append(max(moments, key=sum, default=(0, 0)))
+    base = shared_saved(spec, flow, batch, seq) + token_ids(flow, batch, seq)
+    best, before = (0, 0), 0
+    for kind in p.order:
+        alive, transient = worst[kind]
+        if before + alive + transient > sum(best):
+            best = (base + before + alive, transient)
+        before += saved[kind]
+    return best
+
+
 def blocks_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
     """Every decoder block's saved bytes (no checkpointing)."""
     if traced(spec):
-        p = profile(spec, flow, seq)
+        p = profile(spec, flow, batch, seq)
         return sum(layer.count * sum(traced_layer_saved(flow, layer, batch, seq).values()) for layer in p.layers)
     first = sum(block_saved(spec, flow, batch, seq, first=True).values())
     return first + (spec.num_layers - 1) * sum(block_saved(spec, flow, batch, seq).values())
@@ -465,7 +504,7 @@ def blocks_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
 def shared_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
     """Saved once for all blocks: RoPE's tables (a traced family: whatever its layers share)."""
     if traced(spec):
-        return profile(spec, flow, seq).shared(batch, seq)
+        return profile(spec, flow, batch, seq).shared(batch, seq)
     return rotary_tables(spec, flow, seq)
 
 
@@ -502,9 +541,16 @@ def checkpointed_shared(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> in
     """Inputs every checkpointed block shares: RoPE's tables and the attention mask — eager's
     (b, 1, s, s) in the model dtype, SDPA's boolean one when batches are padded."""
     if traced(spec):
-        return profile(spec, flow, seq).shared(batch, seq)
+        return profile(spec, flow, batch, seq).shared(batch, seq)
     mask = batch * seq * seq * flow.d if flow.attn == "eager" else (batch * seq * seq if flow.padded else 0)
-    return mask + rotary_tables(spec, flow, seq)
+    kept = 0
+    if spec.family == "gpt2" and not flow.embeddings_trainable:
+        # frozen GPT-2 embeddings under checkpointing: the token embeddings (and, with embedding
+        # dropout, its input too) and the int64 position ids stay referenced until backward ends
+        # (measured on the dry run; a trainable model frees them)
+        copies = 2 if spec.dropout.get("embd_pdrop", 0.0) > 0 else 1
+        kept = copies * batch * seq * spec.hidden_size * flow.d + 8 * seq
+    return mask + rotary_tables(spec, flow, seq) + kept
 
 
 def head_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> dict[str, int]:
@@ -518,17 +564,23 @@ def head_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> dict[str, i
     tokens = batch * seq
     h, V = spec.hidden_size, spec.vocab_size
     if traced(spec):  # the traced loss covers the log-softmax, the labels and any soft-capping
-        return {part: poly(batch, seq) for part, poly in profile(spec, flow, seq).head.items()}
+        head = {part: poly(batch, seq) for part, poly in profile(spec, flow, batch, seq).head.items()}
+        if flow.loss_chunk:  # the chunked loss is ours, not the family's: its own terms replace the traced loss
+            return {"final norm": head["final norm"], **chunked.head_saved(spec, flow, tokens)}
+        return head
     if spec.family in ("gpt2", "gpt_neox"):
         final_norm = layernorm_saved(spec, flow, tokens)
     else:
         final_norm = rmsnorm_saved(spec, flow, tokens, True)
-    saved = {
-        "final norm": final_norm,
-        "lm_head input": tokens * h * flow.d if flow.lm_head_trainable else 0,
-        "log-softmax": tokens * V * 4,
-        "labels": tokens * 8,  # the shifted int64 targets the loss keeps
-    }
+    if flow.loss_chunk:
+        saved = {"final norm": final_norm, **chunked.head_saved(spec, flow, tokens)}
+    else:
+        saved = {
+            "final norm": final_norm,
+            "lm_head input": tokens * h * flow.d if flow.lm_head_trainable else 0,
+            "log-softmax": tokens * V * 4,
+            "labels": tokens * 8,  # the shifted int64 targets the loss keeps
+        }
     if flow.autocast:
         saved["autocast weight copies"] = autocast_weight_copies(spec, flow)
     if spec.dropout.get("embd_pdrop", 0.0) > 0 and flow.embeddings_trainable:  # frozen: no gradient, no mask
@@ -538,9 +590,12 @@ def head_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> dict[str, i
 
 def loss_forward_transient(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
     """At the log-softmax: the logits in the model dtype and, in bf16/fp16, their fp32 copy
-    (a traced family: everything alive there beyond the saved tensors, masks included)."""
+    (a traced family: everything alive there beyond the saved tensors, masks included).
+    The chunked loss: one chunk's (estimator/loss.py `forward_transient`)."""
+    if flow.loss_chunk:
+        return chunked.forward_transient(spec, flow, batch * seq)
     if traced(spec):
-        return profile(spec, flow, seq).forward_transient(batch, seq)
+        return profile(spec, flow, batch, seq).forward_transient(batch, seq)
     tokens, V = batch * seq, spec.vocab_size
     return tokens * V * flow.d + (tokens * V * 4 if flow.d < 4 else 0)
 
@@ -548,8 +603,18 @@ def loss_forward_transient(spec: ModelSpec, flow: Flow, batch: int, seq: int) ->
 def loss_backward_transient(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
     """At the log-softmax backward: the nll gradient and the log-softmax gradient (fp32, b·s·V each)."""
     if traced(spec):
-        return profile(spec, flow, seq).loss_backward_transient(batch, seq)
+        return profile(spec, flow, batch, seq).loss_backward_transient(batch, seq)
     return 2 * batch * seq * spec.vocab_size * 4
+
+
+def loss_backward_moments(spec: ModelSpec, flow: Flow, batch: int, seq: int,
+                          accumulating: bool) -> dict[str, tuple[int, int, int]]:
+    """The loss's backward: (gradient bytes made, saved bytes already freed, transient bytes) at
+    each moment, by name. Full loss: the log-softmax's backward, before any gradient (lm_head's comes
+    after, in estimate.backward_moments); the chunked loss: estimator/loss.py `backward_moments`."""
+    if flow.loss_chunk:
+        return chunked.backward_moments(spec, flow, batch, seq, accumulating)
+    return {"backward: loss": (0, 0, loss_backward_transient(spec, flow, batch, seq))}
 
 
 def forward_transient(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
@@ -567,12 +632,12 @@ def forward_transient(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
 
 def activation_terms(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> dict[str, int]:
     """Every saved tensor of one micro-batch, by part of the model, summed over layers."""
-    if flow.checkpointing:
+    if checkpointed(spec, flow):
         layers = {"checkpointed block inputs": spec.num_layers * checkpointed_layer_saved(spec, flow, batch, seq),
                   "checkpointed shared inputs": checkpointed_shared(spec, flow, batch, seq)}
     elif traced(spec):
         layers = {}
-        for layer in profile(spec, flow, seq).layers:
+        for layer in profile(spec, flow, batch, seq).layers:
             for k, v in traced_layer_saved(flow, layer, batch, seq).items():
                 layers[f"blocks: {k}"] = layers.get(f"blocks: {k}", 0) + layer.count * v
         layers["blocks: shared (RoPE tables, masks)"] = shared_saved(spec, flow, batch, seq)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from .constants import DTYPE_BYTES
+from .loss import DEFAULT_CHUNK_TOKENS, LOSSES, MAX_CHUNK_TOKENS
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "sgd")
 LOWRANK_OPTIMIZERS = ("adamw", "adamw8bit")
@@ -27,6 +28,7 @@ TARGET_SHORTHANDS = ("attention", "mlp", "all-linear")
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 SVD_METHODS = ("randomized", "exact")
 QUANT_TYPES = ("nf4", "fp4")
+QLORA_RECIPES = ("ours", "peft")  # lowrank/qlora.py; peft's prepare_model_for_kbit_training
 PROJ_BITS = (4, 8, 16)
 SHARD_STRATEGIES = ("none", "optimizer", "gradients", "full")  # DDP, ZeRO-1, FSDP2 ZeRO-2, FSDP2 ZeRO-3
 
@@ -160,6 +162,8 @@ class TrainSetup:
         computes batch_size / gpus rows of it, so it must divide. Training takes it from torchrun.
     shard: what the ranks split (lowrank/distributed.py): none (DDP), optimizer (ZeRO-1),
         gradients (FSDP2, ZeRO-2) or full (FSDP2, ZeRO-3).
+    loss: "full" (transformers' cross-entropy over every token's logits) or "chunked" (lowrank/loss.py:
+        `loss_chunk_tokens` tokens at a time, each chunk's logits recomputed in backward).
     """
 
     batch_size: int = 1
@@ -172,6 +176,8 @@ class TrainSetup:
     padded: bool = False
     gpus: int = 1
     shard: str = "none"
+    loss: str = "full"
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -188,6 +194,8 @@ class TrainSetup:
         _flag(problems, "padded", self.padded)
         _positive_int(problems, "gpus", self.gpus, MAX_GPUS)
         _choice(problems, "shard", self.shard, SHARD_STRATEGIES)
+        _choice(problems, "loss", self.loss, LOSSES)
+        _positive_int(problems, "loss_chunk_tokens", self.loss_chunk_tokens, MAX_CHUNK_TOKENS)
         if not problems and self.batch_size % self.gpus:
             problems.append(f"batch_size={self.batch_size} is not divisible by gpus={self.gpus}: every GPU computes "
                             f"batch_size / gpus rows; use a multiple of {self.gpus}")
@@ -278,19 +286,32 @@ class QLoRAConfig(LoRAConfig):
     """QLoRA (arXiv 2305.14314): LoRA over base weights stored in 4-bit NF4 (or FP4) blocks of 64.
 
     double_quant quantizes the block constants again (fp32 absmax → 8 bits in blocks of 256).
-    compute_dtype is the dtype the 4-bit weights are dequantized to for each matmul.
+    compute_dtype is the dtype the 4-bit weights are dequantized to for each matmul; "default"
+    (not given) is the recipe's: bf16 for ours, fp32 for peft (transformers' BitsAndBytesConfig
+    when no bnb_4bit_compute_dtype is given).
+    recipe: "ours" (lowrank/qlora.py: every other weight in the setup's dtype, adapters in the
+    compute dtype) or "peft", QLoRA as people run it: peft's prepare_model_for_kbit_training (every
+    parameter that is not 4-bit in fp32, reentrant gradient checkpointing, input embeddings
+    requiring grad), fp32 adapters, and bitsandbytes' paged AdamW (states in CUDA unified memory).
     """
 
     method: ClassVar[str] = "qlora"
     quant_type: str = "nf4"
     double_quant: bool = True
-    compute_dtype: str = "bf16"
+    compute_dtype: str = "default"
+    recipe: str = "ours"
+
+    def __post_init__(self) -> None:
+        if self.compute_dtype == "default":  # resolved here, so every reader sees a dtype
+            object.__setattr__(self, "compute_dtype", "fp32" if self.recipe == "peft" else "bf16")
+        super().__post_init__()
 
     def validate(self, problems: list[str]) -> None:
         super().validate(problems)
         _choice(problems, "quant_type", self.quant_type, QUANT_TYPES)
         _flag(problems, "double_quant", self.double_quant)
         _choice(problems, "compute_dtype", self.compute_dtype, tuple(DTYPE_BYTES))
+        _choice(problems, "recipe", self.recipe, QLORA_RECIPES)
 
 
 @dataclass(frozen=True)

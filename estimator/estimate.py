@@ -23,10 +23,13 @@ from math import ceil
 
 from . import activations as act
 from . import constants
+from . import loss as chunked
 from . import memory as mem
 from .config import GaLoreConfig, LoRAConfig, MethodConfig, QGaLoreConfig, QLoRAConfig, TrainSetup
 from .constants import CATEGORIES, DTYPE_BYTES
-from .spec import ModelSpec, attention_fallback, load_spec
+from .load import load_moment, paged_states, step_setup
+from .loss import spec_logit_head
+from .spec import ModelSpec, attention_fallback, checkpointing_problem, load_spec
 from .targets import targets_problem
 
 CUDA_CONTEXT = 512 * 2**20  # CUDA context, cuBLAS and kernel images: not in the allocator's count
@@ -52,12 +55,20 @@ class Estimate:
     distributed_terms: dict[str, int] = field(default_factory=dict)  # several GPUs: what sharding adds or divides
     options: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    load_bytes: int = 0  # the peak of building or loading the model and preparing it (estimator/load.py)
+    load_moment: str = ""
+    load_breakdown: dict[str, int] = field(default_factory=dict)
     params_active: int | None = None  # mixture of experts: the parameters one token computes with
 
     @property
+    def needs_peak_bytes(self) -> int:
+        """The larger allocated peak: the step's or the load's."""
+        return max(self.peak_bytes, self.load_bytes)
+
+    @property
     def total_bytes(self) -> int:
-        """What a GPU must hold: the allocated peak plus the overhead."""
-        return self.peak_bytes + self.overhead_bytes
+        """What a GPU must hold: the larger of the step's and the load's peak, plus the overhead."""
+        return self.needs_peak_bytes + self.overhead_bytes
 
     def describe(self) -> str:
         """One line: the model, the method and its main options, the batch, the precision."""
@@ -72,6 +83,7 @@ class Estimate:
             method += f" ({o['optimizer']})"
         precision = o["dtype"] + (" + bf16 autocast" if o["autocast"] else "")
         ckpt = ", checkpointing" if o["grad_checkpointing"] else ""
+        ckpt += f", chunked loss ({o['loss_chunk_tokens']} tokens)" if o.get("loss") == "chunked" else ""
         accum = f" × {o['grad_accum']} accumulated" if o["grad_accum"] > 1 else ""
         gpus = o.get("gpus", 1)
         per_gpu = (f" · per GPU of {gpus} (batch {o['batch_size'] // gpus} each), "
@@ -97,7 +109,17 @@ class Estimate:
             **({"distributed_terms": dict(self.distributed_terms)} if self.distributed_terms else {}),
             "options": dict(self.options),
             "notes": list(self.notes),
+            "load": {"peak_bytes": self.load_bytes, "moment": self.load_moment,
+                     "breakdown": dict(self.load_breakdown)},
         }
+
+
+def setup_options(setup: TrainSetup) -> dict:
+    """The setup as an estimate's options: the loss and its chunk only when not the default full loss."""
+    options = asdict(setup)
+    if setup.loss == "full":
+        del options["loss"], options["loss_chunk_tokens"]
+    return options
 
 
 def make_flow(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, device: str) -> act.Flow:
@@ -123,6 +145,8 @@ def make_flow(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, device: 
         autocast=setup.autocast,
         cast_linear_params=cast,
         padded=setup.padded,
+        loss_chunk=setup.loss_chunk_tokens if setup.loss == "chunked" else 0,
+        softcap=setup.loss == "chunked" and spec_logit_head(spec).softcap is not None,
     )
 
 
@@ -141,6 +165,10 @@ def check_against_model(spec: ModelSpec, method: MethodConfig, setup: TrainSetup
             if method.rank > smallest:
                 problems.append(f"rank={method.rank} is above the smallest target dimension ({smallest}) of "
                                 f"{spec.name}; use rank ≤ {smallest}")
+    if setup.loss == "chunked" and spec_logit_head(spec).problem:
+        problems.append(spec_logit_head(spec).problem)
+    if setup.grad_checkpointing and (problem := checkpointing_problem(spec.model_type)):
+        problems.append(problem)
     if problems:
         raise ValueError("; ".join(problems))
     if spec.max_position and setup.seq_len > spec.max_position:
@@ -345,8 +373,8 @@ def _plain_tensors(spec: ModelSpec, method: GaLoreConfig) -> list[int]:
     return out
 
 
-def layerwise_hooks(spec: ModelSpec, method: GaLoreConfig, setup: TrainSetup) -> list[tuple[int, int]]:
-    """(gradients, transient) at the worst moments of a layer-wise hook in a block.
+def layerwise_hooks(spec: ModelSpec, method: GaLoreConfig, setup: TrainSetup) -> list[tuple[str, int, int]]:
+    """(weight's short name, gradients, transient) at the worst moments of a layer-wise hook in a block.
 
     First the full gradient of a projected weight sits beside its projection R (ℓ elements);
     the gradient is then freed and Adam's temporaries (and Q-GaLore's full-size update) follow.
@@ -356,16 +384,18 @@ def layerwise_hooks(spec: ModelSpec, method: GaLoreConfig, setup: TrainSetup) ->
     """
     d = DTYPE_BYTES[setup.dtype]
     projected = [lin for lin in spec.linears if mem.is_target(lin, method.targets)]
-    hooks = [(lin.in_features * lin.out_features * d, galore_low_rank_numel(lin, method) * d) for lin in projected]
-    hooks += [(0, galore_update_temps(lin, method, d)) for lin in projected]
+    hooks = [(lin.short, lin.in_features * lin.out_features * d, galore_low_rank_numel(lin, method) * d)
+             for lin in projected]
+    hooks += [(lin.short, 0, galore_update_temps(lin, method, d)) for lin in projected]
     experts = mem.projected_experts(spec, method)
     for ex in experts:
         low = galore_low_rank_numel(ex.matrix, method) * d
-        hooks += [(ex.numel * d, ex.num_experts * low + projection_read_temps(ex.matrix, method, d)),
-                  (0, (ex.num_experts - 1) * low + expert_update_temps(ex.matrix, method, d))]
-    plain = {lin.in_features * lin.out_features for lin in spec.linears if not mem.is_target(lin, method.targets)}
-    plain |= {ex.numel for ex in spec.experts if ex not in experts}
-    hooks += [(n * d, galore_plain_temps(n, method, d)) for n in sorted(plain)]
+        hooks += [(ex.short, ex.numel * d, ex.num_experts * low + projection_read_temps(ex.matrix, method, d)),
+                  (ex.short, 0, (ex.num_experts - 1) * low + expert_update_temps(ex.matrix, method, d))]
+    plain = {(lin.short, lin.in_features * lin.out_features) for lin in spec.linears
+             if not mem.is_target(lin, method.targets)}
+    plain |= {(ex.short, ex.numel) for ex in spec.experts if ex not in experts}
+    hooks += [(short, n * d, galore_plain_temps(n, method, d)) for short, n in sorted(plain)]
     return hooks
 
 
@@ -378,7 +408,9 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
     With checkpointing the block being differentiated is recomputed: its saved tensors are
     short-lived (transient) beside the checkpointed block inputs (activations).
     Layer-wise GaLore keeps no gradient but the one its hook is consuming (`layerwise_hooks`);
-    a tied embedding's gradient waits for the end of backward, when both uses have added theirs.
+    a tied embedding's gradient waits for the end of backward, when both uses have added theirs:
+    lm_head's side is alive through the blocks' backward in autograd's input buffer, not yet a
+    .grad (so: transient, as the tracker sees it).
     """
     b, s = setup.batch_size, setup.seq_len
     d = DTYPE_BYTES[setup.dtype]
@@ -390,10 +422,17 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
     tied_pending = spec.vocab_size * spec.hidden_size * d if layerwise and spec.tie_word_embeddings else 0
     dequant = dequant_transient(spec, method, setup)
     hooks = layerwise_hooks(spec, method, setup) if layerwise else []
+    traced_hooks = act.traced(spec) and bool(hooks)  # each hook beside the moment its gradient is made
+    if hooks and not traced_hooks:  # a hook runs inside its block's backward: the gradient flowing
+        # through the block and the one into its linear's input (the widest, when the largest
+        # update runs) are alive beside it
+        widest = max(lin.in_features for lin in spec.linears)
+        flowing = b * s * flow.d * (spec.hidden_size + widest)
+        hooks = [(short, grads_, temps + flowing) for short, grads_, temps in hooks]
     tied_new = spec.vocab_size * spec.hidden_size * d if spec.tie_word_embeddings and flow.embeddings_trainable else 0
     n = spec.num_layers
     out = {}
-    all_blocks = 0 if flow.checkpointing else act.blocks_saved(spec, flow, b, s)
+    all_blocks = 0 if act.checkpointed(spec, flow) else act.blocks_saved(spec, flow, b, s)
     for where, first in (("top block", False), ("bottom block", True)):
         parts = act.block_saved(spec, flow, b, s, first=first)
         candidates = []
@@ -407,7 +446,7 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
             else:
                 newest = max([block_grads.get(k, 0) for k in step.grads_of if k not in had], default=0)
             had = step.grads_of
-            if flow.checkpointing:
+            if act.checkpointed(spec, flow):
                 ckpt = act.checkpointed_layer_saved(spec, flow, b, s)
                 shared = act.checkpointed_shared(spec, flow, b, s)
                 activations = (n if where == "top block" else 1) * ckpt + shared + act.token_ids(flow, b, s)
@@ -422,13 +461,25 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
                 if not layerwise:  # the newest gradient of the step, just before it is added
                     candidates.append((gradients, activations, recomputed + newest))
             elif layerwise:  # each gradient is consumed by its hook as soon as it is made
-                gradients = tied_pending
+                gradients = 0
+                recomputed += tied_pending  # not a .grad yet: autograd's buffer holds it
             elif where == "top block":
-                gradients = head_grads + made
+                gradients = head_grads - tied_new + made
+                recomputed += tied_new
             else:
-                gradients = grads - embedding_grads - sum(block_grads.values()) + made
-            for extra_grads, extra in [(0, step.transient + dequant), *hooks]:
+                gradients = grads - embedding_grads - sum(block_grads.values()) + made - tied_new
+                recomputed += tied_new
+            paired = [] if traced_hooks else hooks
+            for _, extra_grads, extra in [("", 0, step.transient + dequant), *paired]:
                 candidates.append((gradients + extra_grads, activations, recomputed + extra))
+        if traced_hooks:  # beside the block's saved tensors still alive and the other tensors then
+            at_grad = act.traced_grad_moments(spec, flow, b, s, first)
+            waiting = act.shared_saved(spec, flow, b, s) + act.token_ids(flow, b, s) + \
+                (all_blocks - sum(parts.values()) if where == "top block" else 0)
+            pending = tied_pending if not before else tied_new
+            for short, extra_grads, extra in hooks:
+                alive, others = at_grad.get(short, max(at_grad.values(), key=sum, default=(0, 0)))
+                candidates.append((before + extra_grads, waiting + alive, pending + others + extra))
         if layerwise and where == "top block" and spec.lm_head_params:
             # lm_head's hook: its gradient and AdamW slices beside every block's activations and
             # the final norm's (its backward comes next)
@@ -438,14 +489,14 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
             candidates.append((before + lm_head_grad, blocks,
                                galore_plain_temps(spec.lm_head_params, method, d) + hidden_grad))
         if where == "top block":
-            if flow.checkpointing:
+            if act.checkpointed(spec, flow):
                 blocks = n * act.checkpointed_layer_saved(spec, flow, b, s) + act.checkpointed_shared(spec, flow, b, s)
             else:
                 blocks = all_blocks + act.shared_saved(spec, flow, b, s)
             blocks += act.token_ids(flow, b, s)
             if before:  # the head's new gradients wait beside every block's activations until added
                 candidates.append((before, blocks, head_grads))
-            if flow.lm_head_trainable:
+            if flow.lm_head_trainable and not flow.loss_chunk:  # the chunked loss: its own moments
                 # lm_head's backward: the logits' gradient (model dtype) is alive beside the new
                 # weight gradient, its input and the final norm's saved tensors; the new gradient
                 # either becomes .grad or waits to be added to the accumulated one
@@ -481,14 +532,17 @@ def estimate_spec(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, devi
     if attn != setup.attn_implementation:
         setup = replace(setup, attn_implementation=attn)
     notes = check_against_model(spec, method, setup) + ([attn_note] if attn_note else [])
+    given, (setup, recipe_notes) = setup, step_setup(method, setup)  # the peft recipe's fp32 and checkpointing
     if setup.gpus > 1:
         moments, terms, shared = distributed.rank_moments(spec, method, setup, device)
     else:
         (moments, terms), shared = step_moments(spec, method, setup, device), {}
+    moments = paged_states(method, device, moments, recipe_notes)
     name = max(moments, key=lambda k: sum(moments[k].values()))
     breakdown = {c: moments[name][c] for c in CATEGORIES}
     peak = sum(breakdown.values())
-    overhead = CUDA_CONTEXT + int(ALLOCATOR_SLACK * peak) if device == "cuda" else 0
+    load = load_moment(spec, method, given, device)
+    overhead = CUDA_CONTEXT + int(ALLOCATOR_SLACK * max(peak, load.peak_bytes)) if device == "cuda" else 0
     # field by field (the duplicates tool sees the shape of ModelSpec's construction in spec.py)
     return Estimate(
         model=spec.name,
@@ -503,8 +557,11 @@ def estimate_spec(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, devi
         moments=moments,
         activation_terms=terms,
         distributed_terms=shared,
-        options={**method.to_dict(), **asdict(setup)},
-        notes=notes,
+        options={**method.to_dict(), **setup_options(given)},
+        notes=notes + recipe_notes,
+        load_bytes=load.peak_bytes,
+        load_moment=load.moment,
+        load_breakdown=load.breakdown,
         params_active=spec.params_active if spec.experts else None,
     )
 
@@ -535,8 +592,15 @@ def step_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, devic
     moments = {
         "forward: loss": moment(before, saved, act.loss_forward_transient(spec, flow, b, s)
                                 + act.forward_transient(spec, flow, b, s)),
-        "backward: loss": moment(before, saved, act.loss_backward_transient(spec, flow, b, s)),
     }
+    for name, (made, freed, transient) in act.loss_backward_moments(spec, flow, b, s, bool(before)).items():
+        moments[name] = moment(before + made, saved - freed, transient)
+    if flow.loss_chunk:
+        made, activations, transient = chunked.final_norm_moment(
+            spec, flow, b, s, mem.head_gradient_bytes(spec, method, setup), bool(before), layerwise)
+        moments["backward: final norm"] = moment(before + made, activations, transient)
+    if act.traced(spec):  # inside a layer's forward (only traced families have such moments)
+        moments["forward: a block"] = moment(before, *act.traced_forward_peak(spec, flow, b, s))
     for name, values in backward_moments(spec, method, setup, flow, before, grads).items():
         moments[name] = moment(*values)
     if layerwise:
@@ -545,7 +609,8 @@ def step_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, devic
         embedding = spec.vocab_size * spec.hidden_size
         positions = spec.embedding_params - embedding  # learned positions (GPT-2), updated first
         tied = embedding * d if spec.tie_word_embeddings else 0  # its lm_head side, still pending
-        ends = [(embedding * d, max(2 * tied, galore_plain_temps(embedding, method, d)))]
+        # accumulating, the first micro-batches' sum is not yet added either (three copies, as below)
+        ends = [(embedding * d, max((3 if before else 2) * tied, galore_plain_temps(embedding, method, d)))]
         if positions:  # beside it, the token embedding's gradient accumulated so far
             ends.append((positions * d + (embedding * d if before else 0),
                          tied + galore_plain_temps(positions, method, d)))

@@ -17,6 +17,7 @@ from .config import (
     METHODS,
     OPTIMIZERS,
     PROJ_TYPES,
+    QLORA_RECIPES,
     QUANT_TYPES,
     SHARD_STRATEGIES,
     SVD_METHODS,
@@ -24,6 +25,7 @@ from .config import (
     TrainSetup,
 )
 from .constants import DTYPE_BYTES
+from .loss import DEFAULT_CHUNK_TOKENS, LOSSES
 
 LORA = ("lora", "qlora")
 GALORE = ("galore", "qgalore")
@@ -53,8 +55,11 @@ METHOD_OPTIONS = (
     Option("--optimizer", "optimizer", str, "optimizer (GaLore: adamw or adamw8bit)", ALL, OPTIMIZERS),
     Option("--quant-type", "quant_type", str, "QLoRA 4-bit data type", ("qlora",), QUANT_TYPES),
     Option("--double-quant", "double_quant", bool, "QLoRA: quantize the quantization constants too", ("qlora",)),
-    Option("--compute-dtype", "compute_dtype", str, "QLoRA: dtype the 4-bit weights are dequantized to",
-           ("qlora",), tuple(DTYPE_BYTES)),
+    Option("--compute-dtype", "compute_dtype", str, "QLoRA: dtype the 4-bit weights are dequantized to (default: "
+           "bf16; fp32 under --qlora-recipe peft, transformers' default)", ("qlora",), tuple(DTYPE_BYTES)),
+    Option("--qlora-recipe", "recipe", str, "QLoRA: ours, or peft: QLoRA as people run it (prepare_model_for_kbit_"
+           "training's fp32 norms, embeddings and lm_head, reentrant checkpointing, fp32 adapters, paged AdamW)",
+           ("qlora",), QLORA_RECIPES),
     Option("--update-proj-gap", "update_proj_gap", int, "GaLore: steps between subspace refreshes (T)", GALORE),
     Option("--galore-scale", "scale", float, "GaLore: scale of the projected-back update (alpha)", GALORE),
     Option("--proj-type", "proj_type", str, "GaLore projection type", GALORE, PROJ_TYPES),
@@ -85,6 +90,11 @@ SETUP_OPTIONS = (
            "torchrun's world size)"),
     Option("--shard", "shard", str, "what the GPUs split: none (DDP), optimizer (ZeRO-1), gradients (FSDP2 "
            "ZeRO-2), full (FSDP2 ZeRO-3)", ALL, SHARD_STRATEGIES),
+    Option("--loss", "loss", str, "full: transformers' cross-entropy over all logits at once; chunked: "
+           "--loss-chunk-tokens tokens at a time, each chunk's logits recomputed in backward (no b·s·V logits)",
+           ALL, LOSSES),
+    Option("--loss-chunk-tokens", "loss_chunk_tokens", int, "tokens per chunk of --loss chunked (memory: "
+           f"chunk × vocab × 6 bytes in bf16; default {DEFAULT_CHUNK_TOKENS})"),
 )
 
 

@@ -9,24 +9,31 @@ so for them the profile is measured instead, from the model's own code:
    memory). Decoder layers that repeat an earlier layer's structure are replaced by a
    pass-through, so only one layer of each kind runs (plus the first, which differs when the
    embeddings are frozen).
-2. One forward and backward at four shapes (batch 1 and 2 × two sequence lengths) are traced:
+2. One forward and backward at the sequence length asked for, at batch 2 and 3, are traced:
    every storage an operator creates, which module created it, which module saved it for
-   backward, when it died, and which parameter's gradient it became.
-3. Every byte count is solved exactly for `a·b·s + c·b·s² + e·s + f·s² + g` (b·s: tokens, b·s²:
-   attention scores and masks, s and s²: tables shared by the batch), by part: the child
-   module of a layer that saved it ("self_attn", "mlp", "input_layernorm", ...), tensors
-   shared by all layers (RoPE tables, masks), the final norm, lm_head's input and the loss.
+   backward, when it died, and which parameter's gradient it became. (Batch 1 has a profile of
+   its own, traced at batch 1: a copy of a tensor that is already contiguous is skipped there.)
+3. Every byte count is solved for `per_sequence·b + const` by part: the child module of a layer
+   that saved it ("self_attn", "mlp", "input_layernorm", ...), tensors shared by all layers
+   (RoPE tables, masks), the final norm, lm_head's input and the loss; and so is every moment
+   of each layer's forward and backward (what it has saved so far or still keeps, its
+   gradients made, everything else alive).
+
+A profile is exact at its sequence length for every batch size, and each length gets its own:
+sliding windows, chunked linear attention (64 tokens a chunk) and the like change a profile in
+steps that no polynomial in the length follows (a fit from other lengths missed a hybrid
+linear-attention family by 39%).
 
 A profile depends on what the step saves — the trainability of the weights, which linears
-carry LoRA, the dtype, the attention kernel, autocast, padding — so it is cached per config and
-per such `TraceKey` (a new one costs a fraction of a second to a second and a half; a cached
-one is a few polynomial evaluations). LoRA's own tensors (the rank-r output of lora_A, its
-input or dropout copy) are added by rule, from each target linear's traced input, so the rank
-and the dropout never need a trace of their own. Tracing runs CPU kernels (fake CUDA needs a
+carry LoRA, the dtype, the attention kernel, autocast, padding, checkpointing — so it is cached
+per config, `TraceKey` and sequence length (a new one costs two traced steps, a few tenths of a
+second; a cached one is a few multiplications, any batch size). LoRA's own tensors (the rank-r
+output of lora_A, its input or dropout copy) are added by rule, from each target linear's traced
+input, so the rank and the dropout never need a trace of their own. Tracing runs CPU kernels (fake CUDA needs a
 CUDA build of PyTorch): on CUDA the profile is that of the same kernels' CPU versions.
 
-    profile = traced_profile(spec, key, seq_len=256)
-    profile.layers[0].saved["self_attn"](b, s)
+    profile = traced_profile(spec, key, batch=4, seq_len=256)
+    profile.layers[0].saved["self_attn"](4)   # bytes the first layer's attention saves at batch 4
 """
 
 from __future__ import annotations
@@ -42,58 +49,45 @@ from functools import lru_cache
 
 from .spec import ModelSpec
 
-# Traced shapes. Batch 1 and lengths equal to a model dimension can take other code paths (a
-# copy skipped because a tensor is already contiguous), so neither is traced.
+# Traced batch sizes. Batch 1 can take other code paths (a copy skipped because a tensor is
+# already contiguous), so it has a profile of its own, traced at batch 1; larger batches are
+# traced at 2 and 3.
 BATCHES = (2, 3)
-SHORT_SEQS = (24, 40, 56)  # below a sliding window
 HEAD_PARTS = ("final norm", "lm_head input", "logits and loss")
 
 
 @dataclass(frozen=True)
 class Poly:
-    """Bytes as a function of batch size b and sequence length s: a·b·s + c·b·s² + e·s + f·s² + g."""
+    """Bytes at the profile's sequence length as a function of the batch size: per_sequence·b + const
+    (the batch's tokens, scores and masks grow with b; RoPE tables and other shared tensors do not)."""
 
-    bs: Fraction = Fraction(0)
-    bss: Fraction = Fraction(0)
-    s: Fraction = Fraction(0)
-    ss: Fraction = Fraction(0)
+    per_sequence: Fraction = Fraction(0)
     const: Fraction = Fraction(0)
 
     def __post_init__(self) -> None:  # evaluated in floats: exact for any realistic byte count
-        object.__setattr__(self, "_f", tuple(float(x) for x in (self.bs, self.bss, self.s, self.ss, self.const)))
+        object.__setattr__(self, "_f", (float(self.per_sequence), float(self.const)))
 
-    def __call__(self, b: int, s: int) -> int:
-        bs, bss, s1, ss, const = self._f
-        return max(0, round(b * s * (bs + bss * s) + s * (s1 + ss * s) + const))
+    def __call__(self, b: int, s: int | None = None) -> int:
+        """At batch size b (s: the profile's own length, which the caller passes along)."""
+        per, const = self._f
+        return max(0, round(b * per + const))
 
     def __add__(self, other: Poly) -> Poly:
-        return Poly(self.bs + other.bs, self.bss + other.bss, self.s + other.s, self.ss + other.ss,
-                    self.const + other.const)
+        return Poly(self.per_sequence + other.per_sequence, self.const + other.const)
 
     def dominates(self, other: Poly) -> bool:
-        return (self.bs >= other.bs and self.bss >= other.bss and self.s >= other.s and self.ss >= other.ss
-                and self.const >= other.const)
+        return self.per_sequence >= other.per_sequence and self.const >= other.const
 
     @staticmethod
     def fit(values: dict[tuple[int, int], int]) -> Poly:
-        """The exact polynomial through the traced points: two batch sizes at the two shortest
-        sequence lengths (the per-sequence terms), the smaller batch at three (the shared ones)."""
-        seqs = sorted({s for _, s in values})
-        s1, s2 = seqs[:2]
-        b1, b2 = BATCHES
-        per_batch = {s: values[(b2, s)] - values[(b1, s)] for s in (s1, s2)}  # a·s + c·s²
-        det = Fraction(s1 * s2 * s2 - s2 * s1 * s1)
-        c = (Fraction(per_batch[s2]) * s1 - Fraction(per_batch[s1]) * s2) / det
-        a = (Fraction(per_batch[s1]) - c * s1 * s1) / s1
-        # e·s + f·s² + g through three points (Lagrange's form of the quadratic)
-        shared = {s: Fraction(values[(b1, s)]) - b1 * (a * s + c * s * s) for s in seqs}
-        x1, x2, x3 = seqs
-        y1, y2, y3 = shared[x1], shared[x2], shared[x3]
-        d1, d2, d3 = (x1 - x2) * (x1 - x3), (x2 - x1) * (x2 - x3), (x3 - x1) * (x3 - x2)
-        f = y1 / d1 + y2 / d2 + y3 / d3
-        e = -(y1 * (x2 + x3) / d1 + y2 * (x1 + x3) / d2 + y3 * (x1 + x2) / d3)
-        g = y1 * x2 * x3 / d1 + y2 * x1 * x3 / d2 + y3 * x1 * x2 / d3
-        return Poly(a, c, e, f, g)
+        """Through the traced (batch, seq) points of one sequence length: two batch sizes give
+        both terms, one (batch 1) the total."""
+        (b1, _), *rest = sorted(values)
+        if not rest:
+            return Poly(Fraction(0), Fraction(values[(b1, _)]))
+        b2 = rest[0][0]
+        per = Fraction(values[rest[0]] - values[(b1, _)], b2 - b1)
+        return Poly(per, values[(b1, _)] - b1 * per)
 
 
 ZERO = Poly()
@@ -135,6 +129,7 @@ class TraceKey:
     attn: str = "sdpa"
     autocast: bool = False
     padded: bool = False
+    checkpointing: bool = False  # torch's non-reentrant checkpoint around each layer (our trainer's)
 
 
 @dataclass(frozen=True)
@@ -150,6 +145,7 @@ class LinearInput:
     already_saved: bool
     input_grad: bool
     itemsize: int  # bytes per element of the input as the linear receives it
+    positions: int = 0  # its rows per sequence of the batch (the sequence length, or more: prompt tokens)
 
 
 @dataclass(frozen=True)
@@ -171,6 +167,10 @@ class TracedLayer:
     saved: dict[str, Poly]
     steps: tuple[TracedStep, ...]
     linears: tuple[LinearInput, ...]
+    forward_steps: tuple[TracedStep, ...] = ()  # moments of its forward: its saved bytes so far, the rest
+    # the moment each weight's gradient is made (by the weight's short name): a layer-wise
+    # optimizer's hook runs then, beside what is alive then
+    grad_moments: dict[str, TracedStep] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -184,6 +184,7 @@ class Profile:
     loss_backward_transient: PolyMax  # the loss's backward, before the first head gradient
     grad_bytes: dict[int, int] = field(default_factory=dict)  # per traced layer: all of its gradients
     kinds: int = 1
+    order: tuple[int, ...] = ()  # for each layer of the model, the entry of `layers` that stands for it
 
 
 # ---------------------------------------------------------------------------- tracing
@@ -224,8 +225,9 @@ class _Tracer:
         self.clock = 0
         self.phase = "forward"
         self.stack: list[str] = [""]
-        self.segments: list[tuple[int, int]] = []  # (clock, traced layer index): its backward begins
-        self.samples: list[tuple[int, str]] = []  # (clock, phase) after each birth
+        self.segments: list[tuple[int, int | str]] = []  # (clock, traced layer index or "tail"): backward begins
+        self.samples: list[tuple[int, str, int | None]] = []  # (clock, phase, layer running) after each birth
+        self.layer_stack: list[int] = []  # the traced layers whose forward is running
         self.forward_end = 0
         self.layers_done = 0  # the clock when the last traced layer's forward returned
         self.inputs: dict[int, int] = {}
@@ -250,7 +252,7 @@ class _Tracer:
         self.records[key] = rec
         self.all.append(rec)
         self.refs[key] = weakref.ref(st, lambda _r, key=key: self.free(key))
-        self.samples.append((self.clock, self.phase))
+        self.samples.append((self.clock, self.phase, self.layer_stack[-1] if self.layer_stack else None))
         return rec
 
     def free(self, key: int) -> None:
@@ -338,6 +340,7 @@ def _build(spec: ModelSpec, key: TraceKey):
         rep = reps.setdefault(sig, i)
         counts[rep] = counts.get(rep, 0) + 1
     last = reps[signatures[-1]] if len(layers) > 1 else 0
+    order = tuple(0 if i == 0 else reps[sig] for i, sig in enumerate(signatures))  # each layer's traced one
     mode = _fake_mode()
     faked: dict[int, torch.Tensor] = {}
 
@@ -354,6 +357,8 @@ def _build(spec: ModelSpec, key: TraceKey):
         for name, b in module._buffers.items():
             if b is not None:
                 module._buffers[name] = fake(b, False)
+    if key.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     template: dict = {}
     for i in range(len(layers)):
         if i not in counts:
@@ -362,7 +367,7 @@ def _build(spec: ModelSpec, key: TraceKey):
     lora = [(path, m) for path, m in model.named_modules()
             if not key.trainable and is_linear(m) and path.startswith(prefix + ".")
             and m.weight.ndim == 2 and path.rsplit(".", 1)[-1] in targets and matches(path, "all-linear")]
-    return model, mode, prefix, layers, counts, last, template, lora
+    return model, mode, prefix, layers, counts, (last, order), template, lora
 
 
 def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
@@ -377,15 +382,23 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
     linear_inputs: dict[str, tuple] = {}  # path -> (its input's record, width, input_grad, itemsize)
     lm_head = model.get_output_embeddings()
 
+    layer_ids = {id(layers[i]): i for i in counts}
+
     def pre(module, args):
         tracer.stack.append(paths.get(id(module), tracer.stack[-1]))
+        if id(module) in layer_ids:
+            tracer.layer_stack.append(layer_ids[id(module)])
 
     def post(module, args, out):
         tracer.stack.pop()
+        if id(module) in layer_ids and tracer.layer_stack:
+            tracer.layer_stack.pop()
 
     def layer_post(i):
         def hook(module, args, out):
             template["tuple"] = len(out) if isinstance(out, tuple) else 0
+            if tracer.phase != "forward":  # checkpointing's recomputation
+                return
             hidden = out[0] if isinstance(out, tuple) else out
             if i == traced[-1]:
                 tracer.layers_done = tracer.clock
@@ -396,7 +409,9 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
     def linear_pre(path):
         def hook(module, args):
             x = args[0]
-            linear_inputs[path] = (tracer.register(x), int(x.shape[-1]), bool(x.requires_grad), x.element_size())
+            if tracer.phase == "forward":
+                linear_inputs[path] = (tracer.register(x), int(x.shape[-1]), bool(x.requires_grad),
+                                       x.element_size(), x.numel() // max(1, int(x.shape[-1])))
         return hook
 
     with mode:
@@ -408,12 +423,17 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
     for path, m in lora:
         handles.append(m.register_forward_pre_hook(linear_pre(path)))
         handles.append(m.register_forward_hook(inject))
+    def first_input(module, args, kwargs):  # the first layer's input gradient ends its backward
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if tracer.phase == "forward" and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            hidden.register_hook(lambda g: tracer.segments.append((tracer.clock, "tail")))
+
     for i in traced:
         handles.append(layers[i].register_forward_hook(layer_post(i)))
+    handles.append(layers[0].register_forward_pre_hook(first_input, with_kwargs=True))
     handles.append(torch.nn.modules.module.register_module_forward_pre_hook(pre))
     handles.append(torch.nn.modules.module.register_module_forward_hook(post))
     grad_hooks = []
-    names = {id(p): name for name, p in model.named_parameters()}
 
     def grad_hook(name: str):
         def on_grad(param):
@@ -449,7 +469,10 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
         for h in handles + grad_hooks:
             h.remove()
     lm_head_path = paths.get(id(lm_head), "lm_head")
-    return tracer, prefix, counts, last, linear_inputs, lm_head_path, names
+    embedding = model.get_input_embeddings()
+    tied = lm_head is not None and embedding is not None and lm_head.weight is embedding.weight
+    pending = lm_head.weight.nbytes if tied and lm_head.weight.requires_grad else None
+    return tracer, prefix, counts, last, linear_inputs, lm_head_path, pending
 
 
 @contextlib.contextmanager
@@ -476,12 +499,11 @@ def _owner(path: str, prefix: str) -> tuple[int | None, str]:
 
 def _measure(spec: ModelSpec, key: TraceKey, batch: int, seq: int) -> dict:
     """Byte counts of one traced step, by owner, and its backward moments, all at (batch, seq)."""
-    tracer, prefix, counts, last, linear_inputs, lm_head_path, names = _trace_once(spec, key, batch, seq)
+    tracer, prefix, counts, last, linear_inputs, lm_head_path, pending = _trace_once(spec, key, batch, seq)
     traced = sorted(counts)
     final = tracer.clock + 1
     saved: dict[tuple, int] = {}  # (layer or None, part) -> bytes
     owner_of: dict[int, tuple] = {}
-    storage_saved: set[int] = set()
     for rec in tracer.all:
         if rec.kind is not None:
             continue
@@ -501,15 +523,14 @@ def _measure(spec: ModelSpec, key: TraceKey, batch: int, seq: int) -> dict:
             where = rec.savers[0] if rec.savers else rec.creator
             owner = (None, _head_part(where, lm_head_path, spec))
         owner_of[id(rec)] = owner
-        saved[owner] = saved.get(owner, 0) + rec.nbytes
-    for rec in tracer.all:
-        if rec.savers:
-            storage_saved.add(id(rec))
+        if forward:  # what checkpointing recomputes and saves again in backward is a step's, below
+            saved[owner] = saved.get(owner, 0) + rec.nbytes
     # each LoRA target's input: already kept for backward by another op?
     lin = {}
-    for path, (rec, width, grad, itemsize) in linear_inputs.items():
+    for path, (rec, width, grad, itemsize, rows) in linear_inputs.items():
         layer, part = _owner(path, prefix)
-        lin[path] = (layer, part, path.rsplit(".", 1)[-1], width, id(rec), bool(rec.savers), grad, itemsize)
+        lin[path] = (layer, part, path.rsplit(".", 1)[-1], width, id(rec), bool(rec.savers), grad, itemsize,
+                     rows // batch)
 
     # forward: the most alive beyond the saved tensors, at the head (after the last layer)
     events = []
@@ -534,7 +555,9 @@ def _measure(spec: ModelSpec, key: TraceKey, batch: int, seq: int) -> dict:
     forward_extra: list[int] = []
     loss_bwd: list[int] = []
     steps: dict[int, list] = {i: [] for i in traced}
-    sample_clocks = {c: p for c, p in tracer.samples}
+    forward_steps: dict[int, list] = {i: [] for i in traced}
+    grad_moments: dict[int | None, dict[str, tuple[int, int, int]]] = {}
+    sample_clocks = {c: (p, layer) for c, p, layer in tracer.samples}
     e = 0
     for clock in range(1, final + 1):
         while e < len(events) and events[e][0] == clock:
@@ -546,21 +569,36 @@ def _measure(spec: ModelSpec, key: TraceKey, batch: int, seq: int) -> dict:
                 live_grad += delta
                 if delta > 0:
                     layer = _owner(_param_module(rec.grad_of), prefix)[0]
+                    if layer is not None and (rec.grad_of.endswith(".weight") or _is_expert(rec.grad_of)):
+                        short = _short(rec.grad_of)
+                        alive = sum(v for (lay, _), v in part_alive.items() if lay == layer)
+                        grad_moments.setdefault(layer, {}).setdefault(short, (alive, grads_made.get(layer, 0),
+                                                                               live_trans))
                     grads_made[layer] = grads_made.get(layer, 0) + delta
                 continue
             owner = owner_of.get(id(rec))
             if owner is None:
+                # a tied lm_head's gradient waits in autograd's buffer for the embedding's: the
+                # estimator counts it with the head's gradients
+                if rec.nbytes == pending and rec.phase == "backward" and segment_at(rec.born) == "head":
+                    continue
                 live_trans += delta
             else:
                 live_act += delta
                 part_alive[owner] = part_alive.get(owner, 0) + delta
-        phase = sample_clocks.get(clock)
-        if phase is None:
+        sample = sample_clocks.get(clock)
+        if sample is None:
             continue
+        phase, running = sample
+        if phase == "forward" and running is not None:  # inside a layer: its saved tensors so far
+            alive = sum(v for (layer, _), v in part_alive.items() if layer == running)
+            forward_steps[running].append((alive, live_trans))
         if phase == "forward" and clock > tracer.layers_done:
             forward_extra.append(live_act + live_trans - total_saved)
         elif phase == "backward":
             seg = segment_at(clock)
+            if seg == "tail":  # the embeddings' backward: the estimator's "backward: end"
+                continue
             if seg == "head":
                 if not grads_made:
                     head_alive = sum(v for (layer, _), v in part_alive.items() if layer is None)
@@ -575,12 +613,24 @@ def _measure(spec: ModelSpec, key: TraceKey, batch: int, seq: int) -> dict:
             layer = _owner(_param_module(rec.grad_of), prefix)[0]
             if layer is not None:
                 grad_bytes[layer] = grad_bytes.get(layer, 0) + rec.nbytes
-    return {"saved": saved, "steps": steps, "forward_extra": forward_extra, "loss_bwd": loss_bwd,
-            "counts": counts, "last": last, "linears": lin, "grad_bytes": grad_bytes}
+    return {"saved": saved, "steps": steps, "forward_steps": forward_steps, "grad_moments": grad_moments,
+            "forward_extra": forward_extra,
+            "loss_bwd": loss_bwd, "counts": counts, "last": last, "linears": lin, "grad_bytes": grad_bytes}
 
 
 def _param_module(name: str) -> str:
     return name.rsplit(".", 1)[0]
+
+
+def _is_expert(name: str) -> bool:
+    """A fused expert weight (`mlp.experts.gate_up_proj`), a parameter of its own module."""
+    return ".experts." in name and not name.endswith((".weight", ".bias"))
+
+
+def _short(name: str) -> str:
+    """The short name the estimator gives a weight: its module's (`q_proj`), or an expert tensor's own."""
+    parts = name.split(".")
+    return parts[-1] if _is_expert(name) else parts[-2] if len(parts) > 1 else parts[-1]
 
 
 def _head_part(path: str, lm_head_path: str, spec: ModelSpec) -> str:
@@ -594,24 +644,16 @@ def _head_part(path: str, lm_head_path: str, spec: ModelSpec) -> str:
     return "logits and loss"
 
 
-def trace_seqs(spec: ModelSpec, seq: int) -> tuple[int, int, int]:
-    """Three traced sequence lengths in the same regime as `seq` (below or above a sliding window)."""
-    window = spec.sliding_window
-    if window and seq > window:
-        return window + 24, window + 40, window + 56
-    return SHORT_SEQS
-
-
 _SPECS: dict[str, ModelSpec] = {}  # a config's JSON -> its spec (the cache's key is the JSON)
 _KEYS: dict[int, tuple[ModelSpec, str]] = {}  # id(spec) -> (spec, its config's JSON)
 
 
 @lru_cache(maxsize=256)
-def _profile_cached(spec_key: str, key: TraceKey, seqs: tuple[int, int, int]) -> Profile:
+def _profile_cached(spec_key: str, key: TraceKey, seq: int, single: bool) -> Profile:
     spec = _SPECS[spec_key]
-    shapes = [(BATCHES[0], s) for s in seqs] + [(BATCHES[1], s) for s in seqs[:2]]
+    shapes = [(1, seq)] if single else [(b, seq) for b in BATCHES]
     points = {shape: _measure(spec, key, *shape) for shape in shapes}
-    first = points[(BATCHES[0], seqs[0])]
+    first = points[shapes[0]]
     counts, last = first["counts"], first["last"]
 
     def fit(get) -> Poly:
@@ -624,24 +666,21 @@ def _profile_cached(spec_key: str, key: TraceKey, seqs: tuple[int, int, int]) ->
     for i in sorted(counts):
         parts = sorted({part for layer, part in owners if layer == i})
         saved = {part: fit(lambda m, part=part, i=i: m["saved"].get((i, part), 0)) for part in parts}
-        lengths = {len(m["steps"][i]) for m in points.values()}
-        steps: list[TracedStep] = []
-        if len(lengths) == 1:
-            n = lengths.pop()
-            for k in range(n):
-                alive = fit(lambda m, k=k, i=i: m["steps"][i][k][0])
-                trans = fit(lambda m, k=k, i=i: m["steps"][i][k][2])
-                steps.append(TracedStep(alive, first["steps"][i][k][1], trans))
-        else:  # the graph changed with the shape: each shape's worst moment, fitted together as one
-            worst = {p: max(m["steps"][i], key=lambda t: t[0] + t[2], default=(0, 0, 0)) for p, m in points.items()}
-            made = max((t[1] for t in first["steps"][i]), default=0)
-            steps.append(TracedStep(ZERO, made, Poly.fit({p: w[0] + w[2] for p, w in worst.items()})))
+        steps = _fit_moments({p: m["steps"][i] for p, m in points.items()})
         linears = tuple(LinearInput(*values) for layer, *values in first["linears"].values() if layer == i)
-        layers.append(TracedLayer(i, counts[i], saved, _frontier(steps), linears))
+        forward = _fit_moments({p: [(a, 0, t) for a, t in m["forward_steps"][i]] for p, m in points.items()})
+        shorts = set.intersection(*(set(m["grad_moments"].get(i, {})) for m in points.values()))
+        at_grad = {short: TracedStep(fit(lambda m, short=short, i=i: m["grad_moments"][i][short][0]),
+                                     first["grad_moments"][i][short][1],
+                                     fit(lambda m, short=short, i=i: m["grad_moments"][i][short][2]))
+                   for short in sorted(shorts)}
+        layers.append(TracedLayer(i, counts[i], saved, _frontier(steps), linears, _frontier(forward), at_grad))
     head = {part: fit(lambda m, part=part: m["saved"].get((None, part), 0)) for part in HEAD_PARTS}
+    last, order = last
     return Profile(
         layers=tuple(layers),
         last=sorted(counts).index(last),
+        order=tuple(sorted(counts).index(i) for i in order),
         shared=fit(lambda m: m["saved"].get((None, "shared"), 0)),
         embedding=fit(lambda m: m["saved"].get((None, "embedding"), 0)),
         head=head,
@@ -652,22 +691,40 @@ def _profile_cached(spec_key: str, key: TraceKey, seqs: tuple[int, int, int]) ->
     )
 
 
+def _fit_moments(series: dict[tuple[int, int], list[tuple[int, int, int]]]) -> list[TracedStep]:
+    """(alive, made, transient) moments traced at each shape, one polynomial pair per moment when
+    every shape traced the same moments; otherwise each shape's worst, fitted together as one."""
+    first = next(iter(series.values()))
+    lengths = {len(v) for v in series.values()}
+    if len(lengths) == 1:
+        return [TracedStep(Poly.fit({p: v[k][0] for p, v in series.items()}), first[k][1],
+                           Poly.fit({p: v[k][2] for p, v in series.items()})) for k in range(lengths.pop())]
+    worst = {p: max(v, key=lambda t: t[0] + t[2], default=(0, 0, 0)) for p, v in series.items()}
+    made = max(first, key=lambda t: t[0] + t[2], default=(0, 0, 0))[1]
+    return [TracedStep(Poly.fit({p: w[0] for p, w in worst.items()}), made,
+                       Poly.fit({p: w[2] for p, w in worst.items()}))]
+
+
 def _frontier(steps: list[TracedStep]) -> tuple[TracedStep, ...]:
-    """The moments not dominated by a later one with as many gradients made (at every b and s)."""
+    """The moments not dominated by another (at every b and s) in gradients made, saved bytes
+    alive (a layer-wise update runs beside them instead of the op's temporaries) and total."""
+    def covers(a: TracedStep, b: TracedStep) -> bool:
+        return a.made >= b.made and a.alive.dominates(b.alive) and (a.alive + a.transient).dominates(
+            b.alive + b.transient)
+
     kept: list[TracedStep] = []
     for step in steps:
-        total = step.alive + step.transient
-        if any(k.made >= step.made and (k.alive + k.transient).dominates(total) for k in kept):
+        if any(covers(k, step) for k in kept):
             continue
-        kept = [k for k in kept if not (step.made >= k.made and total.dominates(k.alive + k.transient))]
-        kept.append(step)
+        kept = [k for k in kept if not covers(step, k)] + [step]
     return tuple(kept)
 
 
-def traced_profile(spec: ModelSpec, key: TraceKey, seq_len: int) -> Profile:
-    """The activation profile of `spec` for `key`, traced once per config, key and regime."""
+def traced_profile(spec: ModelSpec, key: TraceKey, batch: int, seq_len: int) -> Profile:
+    """The activation profile of `spec` for `key` at `seq_len`, traced once per config, key,
+    length and batch regime (1, or more)."""
     known = _KEYS.get(id(spec))
     if known is None or known[0] is not spec:
         known = _KEYS[id(spec)] = (spec, json.dumps(spec.config, sort_keys=True, default=str))
         _SPECS.setdefault(known[1], spec)
-    return _profile_cached(known[1], key, trace_seqs(spec, seq_len))
+    return _profile_cached(known[1], key, seq_len, batch == 1)

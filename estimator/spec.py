@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -103,6 +103,9 @@ class ModelSpec:
     dropout: dict[str, float] = field(default_factory=dict)
     sliding_window: int | None = None
     config: dict = field(default_factory=dict, compare=False, repr=False)
+    # the dtype from_pretrained loads the source's saved weights in; None: built from its config
+    # (a preset, a config.json, a folder without weights) — estimator/load.py
+    weights_dtype: str | None = None
     # mixture of experts: the fused expert weights (their parameters are in other_params too) and
     # how many experts each token is routed to (0 for a dense model)
     experts: tuple[ExpertShape, ...] = ()
@@ -538,6 +541,16 @@ def attention_fallback(config, requested: str) -> tuple[str, str | None]:
                      f"{', '.join(valid)}")
 
 
+def checkpointing_problem(model_type: str) -> str | None:
+    """Why gradient checkpointing cannot be used with this family (transformers has none for
+    it), or None."""
+    cls = _causal_lm_class(model_type) if isinstance(model_type, str) else None
+    if cls is not None and getattr(cls, "supports_gradient_checkpointing", True) is False:
+        return (f"{model_type} has no gradient checkpointing in transformers; run without "
+                f"--grad-checkpointing (grad_checkpointing=false)")
+    return None
+
+
 def _attr(config, *names, default=None):
     for name in names:
         value = getattr(config, name, None)
@@ -636,7 +649,8 @@ def _spec_from_model(model, config, name: str) -> ModelSpec:
         head_dim=head_dim,
         vocab_size=config.vocab_size,
         max_position=_attr(config, "max_position_embeddings", "n_positions", default=None),
-        tie_word_embeddings=lm_head_params == 0,
+        # the same weight object (CTRL's lm_head keeps a bias of its own beside the shared weight)
+        tie_word_embeddings=_tied(model),
         activation=str(_attr(config, "hidden_activation", "hidden_act", "activation_function", default="silu")),
         linears=linears,
         embedding_params=embedding_params,
@@ -653,6 +667,13 @@ def _spec_from_model(model, config, name: str) -> ModelSpec:
         if experts else 0,
         other_tensors=tuple(sorted(other_sizes.items(), reverse=True)),
     )
+
+
+def _tied(model) -> bool:
+    """Does lm_head use the input embeddings' weight?"""
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    weight = getattr(outputs, "weight", None)
+    return weight is None or (inputs is not None and weight is getattr(inputs, "weight", None))
 
 
 def _cache_key(source: str) -> tuple:
@@ -672,7 +693,11 @@ def _load_spec_cached(source: str, key: tuple, trust_remote_code: bool) -> Model
     if name not in preset_table() and key[1] is not None:  # a file or folder
         path = Path(os.path.expanduser(name))
         name = path.parent.name if path.name == "config.json" else (path.name if path.is_dir() else path.stem)
-    return spec_from_config(load_config(source, trust_remote_code), name)
+    from .load import weights_dtype
+
+    spec = spec_from_config(load_config(source, trust_remote_code), name)
+    saved = weights_dtype(source, spec.config)
+    return replace(spec, weights_dtype=saved) if saved else spec
 
 
 def load_spec(source: str, trust_remote_code: bool = False) -> ModelSpec:

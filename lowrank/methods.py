@@ -16,7 +16,7 @@ which must come before the optimizer sees the parameters), then builds its optim
 the wrapping left.
 
 `prepare` here does what every method shares first — gradient checkpointing, the cast to the
-setup's dtype (QLoRA quantizes from it), train mode — then calls the method's hook, which
+setup's dtype (QLoRA quantizes from it), train mode, the chunked loss (lowrank/loss.py) — then calls the method's hook, which
 changes the model in place and builds its optimizer. Modules load on first use, so full training
 never imports bitsandbytes.
 
@@ -39,6 +39,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from estimator.config import MethodConfig, TrainSetup
 from estimator.constants import torch_dtype
+from estimator.spec import checkpointing_problem
 
 from .distributed import Parallel
 
@@ -163,12 +164,19 @@ def prepare(model: nn.Module, method: MethodConfig, setup: TrainSetup, lr: float
             weight_decay: float = 0.0, grad_clip: float | None = None, parallel: Parallel | None = None) -> Prepared:
     """Checkpointing, the cast to `setup.dtype`, train mode; then the method's own hook."""
     if setup.grad_checkpointing:
+        problem = checkpointing_problem(getattr(model.config, "model_type", None))
+        if problem:
+            raise ValueError(problem)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     dtype = torch_dtype(setup.dtype)
     if any(t.is_floating_point() and t.dtype != dtype for t in (*model.parameters(), *model.buffers())):
         model.to(dtype)  # skipped when already cast: a dry run's fake parameters cannot be swapped (dryrun.py)
     model.train()
+    if setup.loss == "chunked":  # before the method wraps it: DDP's and FSDP2's hooks run around the new forward
+        from .loss import install
+
+        install(model, setup.loss_chunk_tokens)
     return get_method(method.method).prepare(model, method, setup, lr, weight_decay, grad_clip, parallel)
 
 

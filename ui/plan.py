@@ -17,16 +17,18 @@ import pandas as pd
 from estimator.config import METHODS, MethodConfig, TrainSetup, check_json_numbers, method_config, shown
 from estimator.estimate import estimate_spec
 from estimator.gpus import find_gpu, fit_table, gpu_catalog, gpus_needed, max_batch_size, per_gpu_bytes
+from estimator.loss import DEFAULT_CHUNK_TOKENS
 from estimator.spec import MAX_CONFIG_BYTES, ModelSpec, load_spec, preset_table
 
 from .charts import GiB, breakdown_figure, empty_figure, fmt_bytes, sweep_figure
 from .widgets import METHOD_LABELS, configs_and_setup, method_options_block, setup_widgets, show_selected
 
 SOURCES = ("preset", "hub id or local path", "uploaded config.json")
-SWEEPS = ("batch size", "sequence length", "rank", "GPUs")
+SWEEPS = ("batch size", "sequence length", "rank", "GPUs", "loss chunk tokens")
+FULL_LOSS = " · full loss"  # the key suffix of a method's full-loss line in the loss-chunk sweep
 NO_GPU = "none"
 DEVICES = ("cuda", "cpu")
-SUMMARY_COLUMNS = ("method", "trainable", "peak", "phase", "with overhead", "fits", "smallest GPU")
+SUMMARY_COLUMNS = ("method", "trainable", "peak", "phase", "load", "with overhead", "fits", "smallest GPU")
 
 
 def resolve_model(source: str, preset: str, hub_id: str, upload: str | None) -> str:
@@ -87,6 +89,8 @@ def sweep_points(axis: str, spec: ModelSpec) -> list[int]:
         return [2**i for i in range(6, 18) if 2**i <= top]
     if axis == "GPUs":
         return [2**i for i in range(11)]
+    if axis == "loss chunk tokens":
+        return [2**i for i in range(4, 14)]
     return [2**i for i in range(13) if 2**i <= spec.hidden_size]
 
 
@@ -99,13 +103,16 @@ def with_value(axis: str, method: MethodConfig, setup: TrainSetup, x: int) -> tu
     if axis == "GPUs":  # one GPU shards nothing
         return method, replace(setup, gpus=x, batch_size=setup.per_gpu_batch * x,
                                shard=setup.shard if x > 1 else "none")
+    if axis == "loss chunk tokens":  # the chunked loss at every point (its full-loss line is drawn beside)
+        return method, replace(setup, loss="chunked", loss_chunk_tokens=x)
     if hasattr(method, "rank"):
         return replace(method, rank=x), setup
     return method, setup  # full training has no rank: a flat line
 
 
 def sweep(spec: ModelSpec, configs: list[MethodConfig], setup: TrainSetup, axis: str) -> tuple[list, dict]:
-    """Memory needed on a GPU (peak + overhead) at each point; None where the setting is invalid."""
+    """Memory needed on a GPU (peak + overhead) at each point; None where the setting is invalid.
+    Sweeping the loss's chunk, each method's full loss is a flat line beside it (key "<method> · full loss")."""
     xs = sweep_points(axis, spec)
     series = {}
     for cfg in configs:
@@ -116,7 +123,18 @@ def sweep(spec: ModelSpec, configs: list[MethodConfig], setup: TrainSetup, axis:
             except ValueError:  # e.g. a rank above a layer's dimension
                 ys.append(None)
         series[cfg.method] = ys
+        if axis == "loss chunk tokens":
+            try:
+                full = estimate_spec(spec, cfg, replace(setup, loss="full")).total_bytes
+            except ValueError:
+                full = None
+            series[cfg.method + FULL_LOSS] = [full] * len(xs)
     return xs, series
+
+
+def sweep_labels() -> dict[str, str]:
+    """The legend's name of each sweep line: the method, and its full-loss line in the loss-chunk sweep."""
+    return {**METHOD_LABELS, **{m + FULL_LOSS: f"{label}, full loss" for m, label in METHOD_LABELS.items()}}
 
 
 def fmt_count(n: int) -> str:
@@ -124,13 +142,16 @@ def fmt_count(n: int) -> str:
 
 
 def summary_table(estimates: dict) -> pd.DataFrame:
+    """Per method: the step's peak, the load's (building and preparing the model), what a GPU needs
+    (the larger, plus the overhead) and the GPUs that hold it."""
     rows = []
     for label, est in estimates.items():
         fits = [r for r in fit_table(est) if r["fits"]]
         smallest = min(fits, key=lambda r: r["memory_gib"])["gpu"] if fits else "none"
         rows.append(dict(zip(SUMMARY_COLUMNS, (
             METHOD_LABELS.get(label, label), fmt_count(est.params_trainable), fmt_bytes(est.peak_bytes), est.phase,
-            fmt_bytes(est.total_bytes), f"{len(fits)} of {len(gpu_catalog())} GPUs", smallest))))
+            fmt_bytes(est.load_bytes), fmt_bytes(est.total_bytes), f"{len(fits)} of {len(gpu_catalog())} GPUs",
+            smallest))))
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 
 
@@ -179,7 +200,7 @@ def plan_memory(model: str, configs: list[MethodConfig], setup: TrainSetup, axis
     notes += [f"- **{METHOD_LABELS[m]} not estimated**: {e}" for m, e in errors.items()]
     return {"breakdown": breakdown_figure({m: e.to_dict() for m, e in estimates.items()}, gpu, METHOD_LABELS),
             "summary": summary_table(estimates), "gpus": gpu_table(spec, ok, setup),
-            "sweep": sweep_figure(xs, series, axis, gpu, METHOD_LABELS), "notes": "\n".join(notes), "errors": errors}
+            "sweep": sweep_figure(xs, series, axis, gpu, sweep_labels()), "notes": "\n".join(notes), "errors": errors}
 
 
 def cleared_plan(axis: str, notes: str, why: str) -> tuple:
@@ -242,12 +263,14 @@ def api_problems(model: Any, method: Any, options: Any, device: Any) -> list[str
 def estimate_memory(model: str = "llama-7b", method: str = "lora", options: dict | None = None,
                     batch_size: int = 1, seq_len: int = 256, grad_accum: int = 1, dtype: str = "bf16",
                     autocast: bool = False, grad_checkpointing: bool = False, attn_implementation: str = "sdpa",
-                    device: str = "cuda", gpus: int = 1, shard: str = "none") -> dict:
+                    device: str = "cuda", gpus: int = 1, shard: str = "none", loss: str = "full",
+                    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict:
     """Predict the memory of one training step: the estimate's JSON object (`Estimate.to_dict`) plus `total_bytes` and `gpus`.
 
     model: a preset (llama-7b, ...), a hub id or a config.json path. method: full, lora, qlora,
     galore or qgalore. options: that method's dataclass fields, e.g. {"rank": 64, "targets": "all-linear"}.
     gpus, shard: data parallelism (shard: none, optimizer, gradients or full); the estimate is per GPU.
+    loss: full or chunked (loss_chunk_tokens tokens at a time: no b·s·V logits).
     Every argument is checked (types included) and a problem is one message naming the argument and
     the fix; the result holds only integers within 64 bits, finite numbers and strings.
     """
@@ -258,7 +281,8 @@ def estimate_memory(model: str = "llama-7b", method: str = "lora", options: dict
         cfg = method_config(method, **(options or {}))
         setup = TrainSetup(batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, dtype=dtype,
                            autocast=autocast, grad_checkpointing=grad_checkpointing,
-                           attn_implementation=attn_implementation, gpus=gpus, shard=shard)
+                           attn_implementation=attn_implementation, gpus=gpus, shard=shard, loss=loss,
+                           loss_chunk_tokens=loss_chunk_tokens)
         est = estimate_spec(load_spec(model), cfg, setup, device=device)
         result = {**est.to_dict(), "total_bytes": est.total_bytes,
                   "gpus": fit_table(est) if device == "cuda" else []}

@@ -20,6 +20,7 @@ from estimator.config import (
     METHODS,
     OPTIMIZERS,
     PROJ_TYPES,
+    QLORA_RECIPES,
     QUANT_TYPES,
     SVD_METHODS,
     TARGET_SHORTHANDS,
@@ -28,6 +29,7 @@ from estimator.config import (
     TrainSetup,
     method_config,
 )
+from estimator.loss import DEFAULT_CHUNK_TOKENS, LOSSES, MAX_CHUNK_TOKENS
 from estimator.options import METHOD_OPTIONS, SETUP_OPTIONS
 
 METHOD_LABELS = {"full": "Full training", "lora": "LoRA", "qlora": "QLoRA", "galore": "GaLore",
@@ -59,7 +61,8 @@ FIELD_WIDGETS = {
     "optimizer": _dropdown(OPTIMIZERS),
     "quant_type": _dropdown(QUANT_TYPES),
     "double_quant": gr.Checkbox,
-    "compute_dtype": _dropdown(DTYPE_BYTES),
+    "compute_dtype": _dropdown(["default", *DTYPE_BYTES]),
+    "recipe": _dropdown(QLORA_RECIPES),
     "update_proj_gap": _number(1, 1_000_000),
     "scale": lambda **kw: gr.Number(minimum=0.01, maximum=10, step=0.05, **kw),
     "proj_type": _dropdown(PROJ_TYPES),
@@ -86,6 +89,7 @@ FIELD_LABELS = {
     "quant_type": "4-bit data type",
     "double_quant": "double quantization",
     "compute_dtype": "compute dtype",
+    "recipe": "recipe (ours, or peft: as people run it)",
     "update_proj_gap": "refresh gap (update_proj_gap)",
     "scale": "update scale (GaLore alpha)",
     "proj_type": "projection type",
@@ -199,8 +203,8 @@ SHARD_LABELS = {"none": "none: replicated (DDP)", "optimizer": "optimizer states
 def setup_widgets(batch_size: int = 1, seq_len: int = 256, dtype: str = "bf16", dtypes=tuple(DTYPE_BYTES),
                   max_batch: int = 512, max_seq: int = 32768, prefix: str = "", max_gpus: int = 1024,
                   gpus_label: str = "GPUs (data parallel)") -> dict[str, gr.components.Component]:
-    """Batch, sequence, accumulation, GPUs and sharding, precision, checkpointing and attention
-    widgets (ids "<prefix>-<field>")."""
+    """Batch, sequence, accumulation, the loss (full or chunked, beside the batch), GPUs and sharding,
+    precision, checkpointing and attention widgets (ids "<prefix>-<field>"); call inside a layout block."""
     widgets = {
         "batch_size": gr.Slider(1, max_batch, value=batch_size, step=1, precision=0, label="batch size",
                                 info=SETUP_HELP["batch_size"]),
@@ -208,6 +212,13 @@ def setup_widgets(batch_size: int = 1, seq_len: int = 256, dtype: str = "bf16", 
                              info=SETUP_HELP["seq_len"]),
         "grad_accum": gr.Slider(1, 64, value=1, step=1, precision=0, label="gradient accumulation",
                                 info=SETUP_HELP["grad_accum"]),
+    }
+    with gr.Row():  # the loss beside the batch: the chunked loss is a batch-size lever at large vocabularies
+        widgets["loss"] = gr.Radio(list(LOSSES), value="full", label="loss", info=SETUP_HELP["loss"])
+        widgets["loss_chunk_tokens"] = gr.Number(DEFAULT_CHUNK_TOKENS, minimum=1, maximum=MAX_CHUNK_TOKENS, step=1,
+                                                 precision=0, label="tokens per loss chunk",
+                                                 info="--loss-chunk-tokens (with the chunked loss)")
+    widgets |= {
         "gpus": gr.Number(1, minimum=1, maximum=max_gpus, step=1, precision=0, label=gpus_label,
                           info="the batch size is split across them; memory is per GPU"),
         "shard": gr.Dropdown([(label, name) for name, label in SHARD_LABELS.items()], value="none",
@@ -225,12 +236,13 @@ def setup_widgets(batch_size: int = 1, seq_len: int = 256, dtype: str = "bf16", 
 
 def train_setup(batch_size: float, seq_len: float, grad_accum: float, dtype: str, autocast: bool,
                 grad_checkpointing: bool, attn_implementation: str, gpus: float = 1,
-                shard: str = "none") -> TrainSetup:
+                shard: str = "none", loss: str = "full", loss_chunk_tokens: float = DEFAULT_CHUNK_TOKENS) -> TrainSetup:
     """TrainSetup from the setup widgets' values (ValueError names the field)."""
     return TrainSetup(batch_size=_coerce(batch_size, 1), seq_len=_coerce(seq_len, 1),
                       grad_accum=_coerce(grad_accum, 1), dtype=dtype, autocast=bool(autocast),
                       grad_checkpointing=bool(grad_checkpointing), attn_implementation=attn_implementation,
-                      gpus=_coerce(gpus, 1), shard=shard)
+                      gpus=_coerce(gpus, 1), shard=shard, loss=loss,
+                      loss_chunk_tokens=_coerce(loss_chunk_tokens, DEFAULT_CHUNK_TOKENS))
 
 
 def configs_and_setup(methods: list[str], values: dict[str, Any]) -> tuple[list[MethodConfig], TrainSetup]:
@@ -242,6 +254,6 @@ def configs_and_setup(methods: list[str], values: dict[str, Any]) -> tuple[list[
 def split_setup(values: dict[str, Any]) -> tuple[TrainSetup, dict[str, Any]]:
     """(TrainSetup from the setup keys, the remaining values: method options)."""
     names = ("batch_size", "seq_len", "grad_accum", "dtype", "autocast", "grad_checkpointing", "attn_implementation",
-             "gpus", "shard")
+             "gpus", "shard", "loss", "loss_chunk_tokens")
     setup = train_setup(**{n: values[n] for n in names if n in values})
     return setup, {k: v for k, v in values.items() if k not in names}

@@ -96,6 +96,14 @@ def test_the_sweep_has_a_line_per_method_growing_with_the_setting(axis, values):
         assert len(set(lines["Full training"].y)) == 1
 
 
+def test_the_sweep_over_the_loss_chunk_draws_each_methods_full_loss_beside_it():
+    *_, sweep, _ = plan(methods=("lora",), preset="llama3.1-8b", sweep="loss chunk tokens", seq_len=2048)
+    lines = {t.name: t for t in sweep.data}
+    chunked, full = lines["LoRA"], lines["LoRA, full loss"]
+    assert list(chunked.x[:3]) == [16, 32, 64] and len(set(full.y)) == 1
+    assert list(chunked.y) == sorted(chunked.y) and chunked.y[-1] < full.y[0]  # 128k vocabulary: always below
+
+
 def test_a_method_that_cannot_be_estimated_warns_and_the_others_still_show():
     result = plan_memory("tiny-llama-5m", [LoRAConfig(rank=4), GaLoreConfig(rank=1024)], TrainSetup())
     assert list(result["summary"]["method"]) == ["LoRA"]

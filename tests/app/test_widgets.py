@@ -116,3 +116,20 @@ def test_long_ranges_are_number_inputs_with_bounds(tmp_path):
     for block in demo.blocks.values():  # the sliders left have a few hundred positions at most, or are short
         if isinstance(block, gr.Slider):
             assert (block.maximum - block.minimum) / block.step <= 2048, block.label
+
+
+def test_the_loss_is_a_setup_widget_beside_the_batch():
+    import gradio as gr
+
+    from ui.widgets import setup_widgets, split_setup
+
+    with gr.Blocks():
+        widgets = setup_widgets(prefix="t")
+    assert list(widgets)[:5] == ["batch_size", "seq_len", "grad_accum", "loss", "loss_chunk_tokens"]
+    assert widgets["loss"].elem_id == "t-loss"
+    values = {"batch_size": 2.0, "seq_len": 64.0, "grad_accum": 1.0, "dtype": "bf16", "autocast": False,
+              "grad_checkpointing": False, "attn_implementation": "sdpa", "loss": "chunked", "loss_chunk_tokens": 128.0}
+    setup, _ = split_setup(values)
+    assert setup == TrainSetup(batch_size=2, seq_len=64, loss="chunked", loss_chunk_tokens=128)
+    with pytest.raises(ValueError, match="loss_chunk_tokens=0"):
+        train_setup(1, 256, 1, "bf16", False, False, "sdpa", loss="chunked", loss_chunk_tokens=0)
