@@ -18,11 +18,16 @@ estimate's at the per-rank batch. The rest depends on the strategy (lowrank/dist
                 in flight (prefetch)
 
 FSDP's named terms: sharded parameters, gradients and states (each tensor's first dimension
-padded to a multiple of N); the root module's gathered parameters (embeddings, final norm,
-lm_head); the gathered block being computed; the flat all-gather buffer of the block prefetched;
-the flat reduce-scatter input of the previous block (kept until the next reduce-scatter starts);
-the root's gradients, reduce-scattered only at the end of backward. GaLore and Q-GaLore reduce
-their own gradients in place (no buckets) and under ZeRO-1 own whole matrices.
+padded to a multiple of N: a mixture of experts' fused (E, m, n) weight splits its experts); the
+root module's gathered parameters (embeddings, final norm, lm_head); the gathered block being
+computed; the flat all-gather buffer of the block prefetched; the flat reduce-scatter input of
+the previous block (kept until the next reduce-scatter starts); the root's gradients,
+reduce-scattered only at the end of backward. A block's gather is a moment of its own, forward
+and (under `full`) backward: its flat all-gather output is copied into the gathered parameters
+while the previous buffer is still held — the peak of MoE blocks, whose weights outweigh their
+activations. GaLore and Q-GaLore reduce their own gradients in place (no buckets) and under
+ZeRO-1 own whole matrices (a fused expert weight whole, with its E matrices' projections and
+moments).
 Checked against `--dry-run --gpus N --shard S` (rank 0 on fake tensors, fake process group):
 tests/estimator/test_distributed.py and bench/distributed_accuracy.py.
 """
@@ -147,23 +152,32 @@ def _shapes(spec: ModelSpec, method: MethodConfig, numels: list[int]) -> list[tu
 
 
 def galore_tensors(spec: ModelSpec, method: GaLoreConfig, setup: TrainSetup) -> list[list[Tensor]]:
-    """GaLore's two groups: projected weights (projection + low-rank moments), every other tensor
-    (plain AdamW, 8-bit when asked)."""
+    """GaLore's two groups: projected weights (projection + low-rank moments; a fused expert weight
+    (E, m, n) is one tensor holding E matrices' states, dealt out whole), every other tensor (plain
+    AdamW, 8-bit when asked)."""
     d = DTYPE_BYTES[setup.dtype]
     eight = method.optimizer == "adamw8bit"
+
+    def quantized(lin) -> bool:  # 8-bit moments: by one matrix's size (an expert's, for fused weights)
+        r = min(method.rank, lin.in_features, lin.out_features)
+        moments = r * r if method.proj_type == "full" else r * max(lin.in_features, lin.out_features)
+        return eight and moments >= ADAM8_MIN_SIZE
+
     projected, plain = [], []
     for lin in spec.linears:
         numel = lin.in_features * lin.out_features
         if mem.is_target(lin, method.targets):
-            r = min(method.rank, lin.in_features, lin.out_features)
-            moments = r * r if method.proj_type == "full" else r * max(lin.in_features, lin.out_features)
-            projected += [Tensor(numel, mem.galore_matrix_state_bytes(lin, method, d),
-                                 eight and moments >= ADAM8_MIN_SIZE)] * lin.count
+            projected += [Tensor(numel, mem.galore_matrix_state_bytes(lin, method, d), quantized(lin))] * lin.count
         else:
             plain += [numel] * lin.count
         if lin.bias:
             plain += [lin.out_features] * lin.count
-    plain += mem._non_linear_tensors(spec)
+    experts = mem.projected_experts(spec, method)
+    for ex in experts:
+        one = ex.matrix
+        projected += [Tensor(ex.numel, ex.num_experts * mem.galore_matrix_state_bytes(one, method, d),
+                             quantized(one))] * ex.count
+    plain += mem._non_linear_tensors(spec, experts)
     return [projected, [Tensor(n, mem.adam_state_bytes(n, d, method.optimizer, step_tensor=False),
                                eight and n >= ADAM8_MIN_SIZE) for n in plain]]
 
@@ -200,31 +214,58 @@ class Shards:
     trainable_tensors_local: tuple[int, ...]  # each trainable tensor's shard (Adam states, one by one)
 
 
+def _block_tensors(spec: ModelSpec, method: MethodConfig) -> list[tuple[int, int, bool, int]]:
+    """(first dimension, elements per row, trainable, how many in the model) of every kind of
+    tensor the decoder blocks hold: linears (LoRA: the base frozen, its two factors trainable),
+    fused expert weights (E, m, n) — FSDP2 splits their experts (dim 0) like a linear's rows —,
+    routers and the other small tensors, norms."""
+    lora = isinstance(method, LoRAConfig)
+    h, layers = spec.hidden_size, spec.num_layers
+    kinds = []
+    for lin in spec.linears:
+        kinds.append((lin.out_features, lin.in_features, not lora, lin.count))
+        if lin.bias:
+            kinds.append((lin.out_features, 1, not lora, lin.count))
+        if lora and mem.is_target(lin, method.targets):
+            kinds += [(method.rank, lin.in_features, True, lin.count), (lin.out_features, method.rank, True, lin.count)]
+    for ex in spec.experts:  # frozen under LoRA (no adapters on fused expert weights)
+        kinds.append((ex.num_experts, ex.out_features * ex.in_features, not lora, ex.count))
+    for numel, count in _other_tensors(spec):
+        # only sizes are known: a multiple of h is a router or gate, (outputs, h) as nn.Linear stores it
+        kinds.append((numel // h, h, not lora, count) if numel % h == 0 else (numel, 1, not lora, count))
+    kinds += [(h, 1, not lora, layers)] * (mem.block_norm_params(spec) // h)
+    return kinds
+
+
+def _other_tensors(spec: ModelSpec) -> list[tuple[int, int]]:
+    """(numel, how many) of the parameters that are no linear, expert, embedding or norm (MoE
+    routers, one-output gates): counted in the blocks, a lump of a spec without the list as one."""
+    rest = spec.other_params - spec.expert_params
+    if spec.other_tensors and sum(n * count for n, count in spec.other_tensors) == rest:
+        return list(spec.other_tensors)
+    return [(rest, 1)] if rest else []
+
+
 def shards(spec: ModelSpec, method: MethodConfig, world: int) -> Shards:
-    """The per-rank sizes FSDP2 gives `spec` trained with `method` (LoRA: base frozen, adapters trainable)."""
+    """The per-rank sizes FSDP2 gives `spec` trained with `method` (LoRA: base frozen, adapters trainable).
+
+    A tensor that `count` blocks of `num_layers` have is in round(count / num_layers) of a block's
+    (every block alike, the largest kind where they differ: a MoE model's first dense blocks);
+    the sharded totals count each tensor as often as the model has it."""
     lora = isinstance(method, LoRAConfig)
     h, layers = spec.hidden_size, spec.num_layers
     block, block_trainable, local_tensors = 0, 0, []
     frozen_local = trainable_local = 0
-    tensors = []  # (dim0, rest, trainable) of one block
-    for lin in spec.linears:
-        per_block = lin.count / layers  # a linear every block has (count == layers)
-        targeted = lora and mem.is_target(lin, method.targets)
-        parts = [(lin.out_features, lin.in_features, not lora)] + ([(lin.out_features, 1, not lora)] if lin.bias else [])
-        if targeted:
-            parts += [(method.rank, lin.in_features, True), (lin.out_features, method.rank, True)]
-        tensors += [part for part in parts for _ in range(round(per_block))]
-    norms = mem.block_norm_params(spec) // h
-    tensors += [(h, 1, not lora)] * norms
-    for dim0, rest, trainable in tensors:
+    for dim0, rest, trainable, count in _block_tensors(spec, method):
         local = _local(dim0, rest, world)
-        block += local * world
+        per_block = round(count / layers)
+        block += local * world * per_block
         if trainable:
-            block_trainable += local * world
-            trainable_local += local * layers
-            local_tensors += [local] * layers
+            block_trainable += local * world * per_block
+            trainable_local += local * count
+            local_tensors += [local] * count
         else:
-            frozen_local += local * layers
+            frozen_local += local * count
     root = [(spec.vocab_size, h)]
     if spec.embedding_params > spec.vocab_size * h:
         root.append((spec.embedding_params // h - spec.vocab_size, h))  # learned positions
@@ -290,21 +331,33 @@ def fsdp_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
     # a block's forward begins with its gather: its flat all-gather output is copied out into the
     # gathered parameters while the previous gather's output (the root's, for the first block) is
     # still held, until this gather has started
-    saved_block = act.block_saved(spec, flow, b, s, first=False)
+    other = act.block_saved(spec, flow, b, s, first=False)
+    bottom = act.block_saved(spec, flow, b, s, first=True)  # its input needs no gradient (frozen embeddings)
+    hidden = b * s * spec.hidden_size * flow.residual_d  # a block's input, or the gradient of its output
     for k in range(n):
         previous = root_w if k == 0 else block_w
         gathered = root_w + (block_w if reshard else (k + 1) * block_w) + block_w  # + the copy-out's source
-        activations = k * sum(saved_block.values()) + act.token_ids(flow, b, s) + \
-            (act.shared_saved(spec, flow, b, s) if k else 0)
+        below = sum(bottom.values()) + (k - 1) * sum(other.values()) if k else 0  # the blocks done
+        activations = below + act.token_ids(flow, b, s) + (act.shared_saved(spec, flow, b, s) if k else 0)
         if flow.checkpointing:
             activations = k * act.checkpointed_layer_saved(spec, flow, b, s) + act.token_ids(flow, b, s) + \
                 act.checkpointed_shared(spec, flow, b, s)
+        # the block's input hidden states; above the first block, the model's forward also still
+        # holds the embeddings' output (the first block's input: saved when checkpointing)
+        inputs = hidden * (1 if k == 0 or act.checkpointed(spec, flow) else 2)
         candidate = {"weights": sharded["weights"] + gathered - block_w, "adapters": sharded["adapters"],
                      "gradients": accumulated, "optimizer": states, "activations": activations,
-                     "transient": previous + block_w}
+                     "transient": previous + block_w + inputs}
         if "forward: a block's gather" not in moments or sum(candidate.values()) > \
                 sum(moments["forward: a block's gather"].values()):
             moments["forward: a block's gather"] = candidate
+    if act.traced(spec):
+        # inside the top block's forward (an MoE layer's routed copies and expert outputs): every
+        # block gathered, or this one alone when resharding; its all-gather output kept beside it
+        # until the next gather (FSDP2 frees it then, to overlap the copy-out with that gather)
+        alive, transient = act.traced_forward_peak(spec, flow, b, s)
+        moments["forward: a block"] = moment(root_w + (block_w if reshard else n * block_w), 0, alive,
+                                             transient + block_w)
     # the last block's all-gather output stays until the root's forward returns, which computes
     # the head and the loss (FSDP2 frees a gather's output at the next gather, or at the root's end)
     moments.update({
@@ -315,8 +368,6 @@ def fsdp_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
                                  act.loss_backward_transient(spec, flow, b, s) + (block_w if reshard else 0)),
     })
     block_grads = mem.block_gradient_bytes(spec, method, per_rank)
-    other = act.block_saved(spec, flow, b, s, first=False)
-    bottom = act.block_saved(spec, flow, b, s, first=True)
     for above in range(n):  # the block whose backward runs, counted from the top
         below = n - 1 - above  # blocks still waiting for their backward
         where = "top block" if above == 0 else "bottom block" if below == 0 else "a middle block"
@@ -325,6 +376,23 @@ def fsdp_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
         prefetch = block_w if reshard and below > 0 else 0
         pending = block_rs if above > 0 else 0
         done = head_grads + (0 if accumulated else above * block_grad_shard)
+        if reshard:
+            # its backward begins with its gather's copy-out: the block's gathered parameters fill
+            # from the flat all-gather output (prefetched during the block above's backward) while
+            # that block's reduce-scatter input waits, every activation of this block still saved,
+            # the gradient of its output arrived and no step of its backward begun (a mixture of
+            # experts' blocks, large beside their activations: a peak)
+            if act.checkpointed(spec, flow):
+                activations = (below + 1) * act.checkpointed_layer_saved(spec, flow, b, s) + \
+                    act.checkpointed_shared(spec, flow, b, s) + act.token_ids(flow, b, s)
+            else:
+                activations = sum(parts.values()) + (sum(bottom.values()) + (below - 1) * sum(other.values())
+                                                     if below else 0) + \
+                    act.shared_saved(spec, flow, b, s) + act.token_ids(flow, b, s)
+            candidate = moment(gathered, done, activations, block_w + pending + hidden)
+            if "backward: a block's gather" not in moments or sum(candidate.values()) > \
+                    sum(moments["backward: a block's gather"].values()):
+                moments["backward: a block's gather"] = candidate
         for step in act.block_backward_steps(spec, flow, b, s, first=below == 0):
             made = act.step_made(step, block_grads)
             if flow.checkpointing:

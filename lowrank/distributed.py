@@ -168,6 +168,9 @@ class Parallel:
 
         reshard = self.strategy == "full"
         _, blocks = decoder_layers(model)
+        # a block's every parameter is sharded with it: a mixture of experts' fused (E, m, n) weights
+        # on dim 0 (FSDP2's default, padded to the world size: each rank keeps ceil(E / N) experts'
+        # rows, so N > E leaves ranks holding padding), routers as linears (estimator/distributed.py)
         for block in blocks:
             fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard)
         # the root (embeddings, final norm, head) under `full`: torch's default keeps it gathered

@@ -1,0 +1,100 @@
+"""estimator/profile.py: activation profiles traced from the model's own forward.
+
+The named formulas (Llama, GPT-2) are checked against the traced profile of the same model,
+a profile is exact at its length for any batch size (the batch is linear beyond batch 1, which
+has its own), and a profile is traced once per config, key and length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from transformers import AutoConfig
+
+from estimator.config import FullConfig, GaLoreConfig, LoRAConfig, TrainSetup
+from estimator.estimate import estimate_spec
+from estimator.profile import Poly, TraceKey, _measure, _profile_cached, traced_profile
+from estimator.spec import load_spec
+
+
+def traced_twin(spec):
+    """The same model, estimated from its traced profile instead of its named formulas."""
+    return dataclasses.replace(spec, family="traced", exact_family=False)
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen3")
+    AutoConfig.for_model("qwen3", hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=64, vocab_size=1000, bos_token_id=1,
+                         eos_token_id=2).save_pretrained(folder)
+    return load_spec(str(folder))
+
+
+@pytest.mark.parametrize("method", [FullConfig(), LoRAConfig(rank=8), GaLoreConfig(rank=16, layerwise=True)],
+                         ids=["full", "lora", "galore-layerwise"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "ckpt"])
+def test_llama_formulas_agree_with_the_traced_profile(method, checkpointing):
+    spec = load_spec("tiny-llama-5m")
+    setup = TrainSetup(batch_size=2, seq_len=96, dtype="bf16", grad_checkpointing=checkpointing)
+    named = estimate_spec(spec, method, setup, device="cpu")
+    traced = estimate_spec(traced_twin(spec), method, setup, device="cpu")
+    assert traced.peak_bytes == pytest.approx(named.peak_bytes, rel=0.002)
+    if not checkpointing:  # the same tensors, named by formula or by the module that saved them
+        assert sum(traced.activation_terms.values()) == pytest.approx(sum(named.activation_terms.values()),
+                                                                      rel=1e-5)
+        assert {k for k in traced.activation_terms if k.startswith("blocks:")} >= {
+            "blocks: self_attn", "blocks: mlp", "blocks: input_layernorm"}
+
+
+@pytest.mark.parametrize("method", [FullConfig(), LoRAConfig(rank=8)], ids=["full", "lora"])
+def test_gpt2_formulas_agree_with_the_traced_profile_at_the_peak(method):
+    spec = load_spec("gpt2")
+    setup = TrainSetup(batch_size=2, seq_len=64, dtype="bf16")
+    named = estimate_spec(spec, method, setup, device="cpu")
+    traced = estimate_spec(traced_twin(spec), method, setup, device="cpu")
+    assert traced.peak_bytes == pytest.approx(named.peak_bytes, rel=0.01)
+
+
+def test_a_profile_is_exact_at_its_length_for_any_batch(qwen3):
+    key = TraceKey("bf16", trainable=True)
+    profile = traced_profile(qwen3, key, batch=4, seq_len=40)
+    measured = _measure(qwen3, key, 5, 40)  # a batch the profile was not traced at
+    for layer in profile.layers:
+        for part, poly in layer.saved.items():
+            assert poly(5) == measured["saved"].get((layer.index, part), 0), part
+    assert profile.shared(5) == measured["saved"].get((None, "shared"), 0)
+
+
+def test_batch_one_has_a_profile_of_its_own(qwen3):
+    key = TraceKey("bf16", trainable=False, lora_targets=("q_proj", "v_proj"))
+    one = traced_profile(qwen3, key, batch=1, seq_len=40)
+    measured = _measure(qwen3, key, 1, 40)
+    for layer in one.layers:
+        for part, poly in layer.saved.items():
+            assert poly(1) == measured["saved"].get((layer.index, part), 0), part
+
+
+def test_repeated_layers_are_traced_once(qwen3):
+    profile = traced_profile(qwen3, TraceKey("bf16", trainable=True), batch=2, seq_len=40)
+    assert [layer.index for layer in profile.layers] == [0, 1]  # layer 2 repeats layer 1
+    assert [layer.count for layer in profile.layers] == [1, 2]
+    assert profile.order == (0, 1, 1)
+
+
+def test_a_profile_is_traced_once_per_config_key_and_length(qwen3):
+    method, setup = LoRAConfig(rank=8), TrainSetup(batch_size=3, seq_len=72, dtype="bf16")
+    estimate_spec(qwen3, method, setup, device="cpu")
+    before = _profile_cached.cache_info()
+    for rank in (4, 16, 32):  # LoRA's rank and the batch are rules, not traces
+        estimate_spec(qwen3, LoRAConfig(rank=rank), dataclasses.replace(setup, batch_size=rank), device="cpu")
+    after = _profile_cached.cache_info()
+    assert after.misses == before.misses
+    estimate_spec(qwen3, method, dataclasses.replace(setup, seq_len=80), device="cpu")
+    assert _profile_cached.cache_info().misses > after.misses
+
+
+def test_poly_fits_two_batches_or_one():
+    assert Poly.fit({(2, 40): 1000, (3, 40): 1400})(5) == 2200
+    assert Poly.fit({(1, 40): 777})(1) == 777
