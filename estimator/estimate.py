@@ -29,7 +29,7 @@ from .config import GaLoreConfig, LoRAConfig, MethodConfig, QGaLoreConfig, QLoRA
 from .constants import CATEGORIES, DTYPE_BYTES
 from .load import load_moment, paged_states, step_setup
 from .loss import spec_logit_head
-from .spec import ModelSpec, attention_fallback, checkpointing_problem, load_spec
+from .spec import ModelSpec, attention_fallback, checkpointing_problem, load_spec, packing_problem
 from .targets import targets_problem
 
 CUDA_CONTEXT = 512 * 2**20  # CUDA context, cuBLAS and kernel images: not in the allocator's count
@@ -119,6 +119,8 @@ def setup_options(setup: TrainSetup) -> dict:
     options = asdict(setup)
     if setup.loss == "full":
         del options["loss"], options["loss_chunk_tokens"]
+    if not setup.packed:
+        del options["packed"]
     return options
 
 
@@ -127,6 +129,7 @@ def make_flow(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, device: 
     full_rank = not isinstance(method, LoRAConfig)
     lora = isinstance(method, LoRAConfig)
     targets = frozenset(lin.short for lin in mem.target_linears(spec, method.targets)) if lora else frozenset()
+    saved = method.saved_modules if lora else ()
     cast = None
     if isinstance(method, QGaLoreConfig):  # INT8 layers dequantize per matmul: nothing to cast and keep
         cast = sum(lin.numel * lin.count for lin in spec.linears if not mem.is_target(lin, method.targets))
@@ -134,8 +137,10 @@ def make_flow(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, device: 
         d=2 if setup.autocast else DTYPE_BYTES[setup.dtype],  # autocast: matmuls run in bf16
         base_trainable=full_rank,
         norms_trainable=full_rank,
-        embeddings_trainable=full_rank,
-        lm_head_trainable=full_rank,
+        embeddings_trainable=full_rank or "embed_tokens" in saved,
+        lm_head_trainable=full_rank or "lm_head" in saved,
+        copies=lora,
+        lm_head_lora=lora and method.head_lora,
         lora_targets=targets,
         lora_rank=method.rank if lora else 0,
         lora_dropout=float(method.dropout) if lora else 0.0,
@@ -144,7 +149,8 @@ def make_flow(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, device: 
         checkpointing=setup.grad_checkpointing,
         autocast=setup.autocast,
         cast_linear_params=cast,
-        padded=setup.padded,
+        padded=setup.padded or setup.packed,  # packed rows: a block-diagonal mask from the position ids
+        packed=setup.packed,
         loss_chunk=setup.loss_chunk_tokens if setup.loss == "chunked" else 0,
         softcap=setup.loss == "chunked" and spec_logit_head(spec).softcap is not None,
     )
@@ -165,9 +171,14 @@ def check_against_model(spec: ModelSpec, method: MethodConfig, setup: TrainSetup
             if method.rank > smallest:
                 problems.append(f"rank={method.rank} is above the smallest target dimension ({smallest}) of "
                                 f"{spec.name}; use rank ≤ {smallest}")
+    if setup.loss == "chunked" and isinstance(method, LoRAConfig) and method.head_lora:
+        problems.append("--loss chunked computes lm_head's matmul itself and cannot run LoRA on it; drop lm_head "
+                        "from targets (modules_to_save=lm_head composes) or use --loss full")
     if setup.loss == "chunked" and spec_logit_head(spec).problem:
         problems.append(spec_logit_head(spec).problem)
     if setup.grad_checkpointing and (problem := checkpointing_problem(spec.model_type)):
+        problems.append(problem)
+    if setup.packed and (problem := packing_problem(spec.model_type)):
         problems.append(problem)
     if problems:
         raise ValueError("; ".join(problems))
@@ -417,8 +428,10 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
     layerwise = isinstance(method, GaLoreConfig) and method.layerwise
     block_grads = {} if layerwise else mem.block_gradient_bytes(spec, method, setup)
     head_grads = 0 if layerwise else mem.head_gradient_bytes(spec, method, setup)
-    embedding_grads = 0 if layerwise or isinstance(method, LoRAConfig) or spec.tie_word_embeddings else \
-        spec.embedding_params * d
+    if isinstance(method, LoRAConfig):  # modules_to_save's embedding copy
+        embedding_grads = spec.vocab_size * spec.hidden_size * d if flow.embeddings_trainable else 0
+    else:
+        embedding_grads = 0 if layerwise or spec.tie_word_embeddings else spec.embedding_params * d
     tied_pending = spec.vocab_size * spec.hidden_size * d if layerwise and spec.tie_word_embeddings else 0
     dequant = dequant_transient(spec, method, setup)
     hooks = layerwise_hooks(spec, method, setup) if layerwise else []
@@ -429,7 +442,7 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
         widest = max(lin.in_features for lin in spec.linears)
         flowing = b * s * flow.d * (spec.hidden_size + widest)
         hooks = [(short, grads_, temps + flowing) for short, grads_, temps in hooks]
-    tied_new = spec.vocab_size * spec.hidden_size * d if spec.tie_word_embeddings and flow.embeddings_trainable else 0
+    tied_new = spec.vocab_size * spec.hidden_size * d if flow.tied_trainable(spec) else 0
     n = spec.num_layers
     out = {}
     all_blocks = 0 if act.checkpointed(spec, flow) else act.blocks_saved(spec, flow, b, s)
@@ -496,13 +509,13 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
             blocks += act.token_ids(flow, b, s)
             if before:  # the head's new gradients wait beside every block's activations until added
                 candidates.append((before, blocks, head_grads))
-            if flow.lm_head_trainable and not flow.loss_chunk:  # the chunked loss: its own moments
+            if flow.head_keeps_input and not flow.loss_chunk:  # the chunked loss: its own moments
                 # lm_head's backward: the logits' gradient (model dtype) is alive beside the new
                 # weight gradient, its input and the final norm's saved tensors; the new gradient
                 # either becomes .grad or waits to be added to the accumulated one
                 head = act.head_saved(spec, flow, b, s)
                 alive = blocks + head["final norm"] + head["lm_head input"]
-                new = spec.vocab_size * spec.hidden_size * d
+                new = spec.vocab_size * spec.hidden_size * d if flow.lm_head_trainable else head_grads  # LoRA's
                 logits_grad = b * s * spec.vocab_size * flow.d
                 candidates.append((before, alive, new + logits_grad) if before else (new, alive, logits_grad))
         out[f"backward: {where}"] = max(candidates, key=sum)
@@ -523,6 +536,12 @@ class Layout:
     projected_accumulation: bool = True
 
 
+def sliding_window_active(spec: ModelSpec, seq_len: int) -> bool:
+    """Does attention slide at this length (a window shorter than the sequence, switched on)?"""
+    window = spec.sliding_window
+    return bool(window) and seq_len > window and spec.config.get("use_sliding_window", True) is not False
+
+
 def estimate_spec(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, device: str = "cuda") -> Estimate:
     """Predict one steady-state training step of `spec` with `method` and `setup` (per GPU when
     `setup.gpus` > 1: estimator/distributed.py)."""
@@ -532,6 +551,11 @@ def estimate_spec(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, devi
     if attn != setup.attn_implementation:
         setup = replace(setup, attn_implementation=attn)
     notes = check_against_model(spec, method, setup) + ([attn_note] if attn_note else [])
+    if spec.exact_family and sliding_window_active(spec, setup.seq_len):
+        # the named formulas have no sliding-window mask: this length is traced (estimator/profile.py)
+        spec = replace(spec, family="traced", exact_family=False)
+        notes.append(f"sequences longer than the {spec.sliding_window}-token sliding window: activations traced "
+                     f"from transformers' own forward on CPU kernels")
     given, (setup, recipe_notes) = setup, step_setup(method, setup)  # the peft recipe's fp32 and checkpointing
     if setup.gpus > 1:
         moments, terms, shared = distributed.rank_moments(spec, method, setup, device)
@@ -619,7 +643,7 @@ def step_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, devic
         # a tied embedding gets two gradients, lm_head's and the input side's; autograd's input
         # buffer adds them out of place, so the new one and the sum coexist with the first
         # (accumulating, the first is not yet added either: three copies beside the accumulated ones)
-        tied = spec.tie_word_embeddings and flow.embeddings_trainable
+        tied = flow.tied_trainable(spec)
         copies = 3 if before else 2
         moments["backward: end"] = moment(grads, 0, copies * spec.vocab_size * spec.hidden_size * d if tied else 0)
         moments["optimizer"] = moment(grads, 0, update)
