@@ -45,6 +45,17 @@ class Flow:
     padded: bool = False  # batches carry an attention mask
     loss_chunk: int = 0  # tokens per chunk of the chunked loss (lowrank/loss.py); 0: transformers' full loss
     softcap: bool = False  # the chunked loss soft-caps each chunk's logits (one more fp32 chunk in backward)
+    copies: bool = False  # trainable embeddings / lm_head are modules_to_save copies: never tied to each other
+    lm_head_lora: bool = False  # LoRA on lm_head: it keeps its input and the rank-r activation
+
+    def tied_trainable(self, spec: ModelSpec) -> bool:
+        """One trainable weight used as the embedding and as lm_head (full-rank training of a tied model)."""
+        return spec.tie_word_embeddings and self.embeddings_trainable and not self.copies
+
+    @property
+    def head_keeps_input(self) -> bool:
+        """Does lm_head save its input for backward (a trainable weight, or LoRA's A)?"""
+        return self.lm_head_trainable or self.lm_head_lora
 
     def saves_input(self, short: str) -> bool:
         """Does this linear keep its input (rather than a LoRA dropout copy) for backward?"""
@@ -390,7 +401,9 @@ def profile(spec: ModelSpec, flow: Flow, batch: int, seq: int):
 
     key = TraceKey(dtype="fp32" if flow.autocast or flow.d == 4 else "bf16", trainable=flow.base_trainable,
                    lora_targets=tuple(sorted(flow.lora_targets)), attn=flow.attn, autocast=flow.autocast,
-                   padded=flow.padded, checkpointing=flow.checkpointing)
+                   padded=flow.padded, checkpointing=flow.checkpointing,
+                   embeddings_trainable=flow.embeddings_trainable and not flow.base_trainable,
+                   lm_head_trainable=flow.head_keeps_input and not flow.base_trainable)
     return traced_profile(spec, key, batch, seq)
 
 
@@ -565,6 +578,8 @@ def head_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> dict[str, i
     h, V = spec.hidden_size, spec.vocab_size
     if traced(spec):  # the traced loss covers the log-softmax, the labels and any soft-capping
         head = {part: poly(batch, seq) for part, poly in profile(spec, flow, batch, seq).head.items()}
+        if flow.lm_head_lora:  # A x, kept for B's weight gradient (added by rule, as the blocks' LoRA)
+            head["lm_head LoRA"] = tokens * flow.lora_rank * flow.d
         if flow.loss_chunk:  # the chunked loss is ours, not the family's: its own terms replace the traced loss
             return {"final norm": head["final norm"], **chunked.head_saved(spec, flow, tokens)}
         return head
@@ -577,10 +592,12 @@ def head_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> dict[str, i
     else:
         saved = {
             "final norm": final_norm,
-            "lm_head input": tokens * h * flow.d if flow.lm_head_trainable else 0,
+            "lm_head input": tokens * h * flow.d if flow.head_keeps_input else 0,
             "log-softmax": tokens * V * 4,
             "labels": tokens * 8,  # the shifted int64 targets the loss keeps
         }
+    if flow.lm_head_lora:  # A x, kept for B's weight gradient
+        saved["lm_head LoRA"] = tokens * flow.lora_rank * flow.d
     if flow.autocast:
         saved["autocast weight copies"] = autocast_weight_copies(spec, flow)
     if spec.dropout.get("embd_pdrop", 0.0) > 0 and flow.embeddings_trainable:  # frozen: no gradient, no mask

@@ -10,6 +10,7 @@ Every dataclass validates itself on construction: all problems are collected, th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -31,6 +32,12 @@ QUANT_TYPES = ("nf4", "fp4")
 QLORA_RECIPES = ("ours", "peft")  # lowrank/qlora.py; peft's prepare_model_for_kbit_training
 PROJ_BITS = (4, 8, 16)
 SHARD_STRATEGIES = ("none", "optimizer", "gradients", "full")  # DDP, ZeRO-1, FSDP2 ZeRO-2, FSDP2 ZeRO-3
+# LoRA's modules_to_save, by role: the input embeddings (get_input_embeddings()) and the output
+# projection (get_output_embeddings()). Each role's accepted spellings: ours, then the families' own names
+# (GPT-2's wte, NeoX's embed_in / embed_out); a config keeps the canonical first one.
+SAVE_ROLES = {"embed_tokens": ("embed_tokens", "embeddings", "wte", "embed_in"),
+              "lm_head": ("lm_head", "embed_out")}
+HEAD_TARGET = "lm_head"  # a LoRA target outside the decoder blocks: the output projection (any family's)
 
 
 # Bounds beyond any GPU: they keep every byte count an estimate makes far below what a 64-bit
@@ -141,6 +148,20 @@ def parse_targets(targets: str) -> tuple[str, ...]:
     if targets in TARGET_SHORTHANDS:
         return (targets,)
     return tuple(t.strip() for t in targets.split(",") if t.strip())
+
+
+def parse_modules_to_save(value: str) -> tuple[str, ...]:
+    """The canonical roles ("embed_tokens", "lm_head") a modules_to_save string names, in that order;
+    ValueError naming the accepted spellings for a name that is none of them."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    roles = set()
+    for name in names:
+        role = next((r for r, spellings in SAVE_ROLES.items() if name in spellings), None)
+        if role is None:
+            accepted = ", ".join(s for spellings in SAVE_ROLES.values() for s in spellings)
+            raise ValueError(f"modules_to_save={shown(value)}: {shown(name)} is not one of {accepted} (comma-separated)")
+        roles.add(role)
+    return tuple(r for r in SAVE_ROLES if r in roles)
 
 
 def _check_targets(problems: list[str], targets: Any) -> None:
@@ -256,8 +277,18 @@ class FullConfig(MethodConfig):
 class LoRAConfig(MethodConfig):
     """LoRA (arXiv 2106.09685): W stays frozen, y = W x + (alpha / rank) · B A x.
 
-    targets: "attention" (q,k,v,o), "mlp", "all-linear", or module names like "q_proj,v_proj".
+    targets: "attention" (q,k,v,o), "mlp", "all-linear", or module names like "q_proj,v_proj";
+        "lm_head" in a list (e.g. "q_proj,v_proj,lm_head") also puts LoRA on the output projection
+        (any family's, found by get_output_embeddings(); QLoRA keeps it unquantized, as peft does).
     use_rslora: scale by alpha / sqrt(rank) instead (rsLoRA, arXiv 2312.03732).
+    modules_to_save: "", "embed_tokens", "lm_head" or "embed_tokens,lm_head" — peft's modules_to_save:
+        those modules train in full. Spelled by role: "embed_tokens" (also "embeddings", GPT-2's "wte",
+        NeoX's "embed_in") is the input embeddings, "lm_head" (also NeoX's "embed_out") the output
+        projection; kept canonical. As peft does it (lowrank/lora.py ModulesToSave): the original stays
+        frozen and a trainable copy replaces it in the forward, so those weights are held twice —
+        the estimator counts both, which is what users comparing with peft see. With tied
+        embeddings the copy is the module's own (untied from the other use), as in peft (which
+        warns). A module cannot be both a target and saved.
     """
 
     method: ClassVar[str] = "lora"
@@ -267,6 +298,13 @@ class LoRAConfig(MethodConfig):
     targets: str = "all-linear"
     use_rslora: bool = False
     optimizer: str = "adamw"
+    modules_to_save: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.modules_to_save, str) and len(self.modules_to_save) <= MAX_TARGETS_CHARS:
+            with contextlib.suppress(ValueError):  # canonical spelling, one form for every reader; validate names a bad one
+                object.__setattr__(self, "modules_to_save", ",".join(parse_modules_to_save(self.modules_to_save)))
+        super().__post_init__()
 
     def validate(self, problems: list[str]) -> None:
         _positive_int(problems, "rank", self.rank, MAX_RANK)
@@ -275,6 +313,42 @@ class LoRAConfig(MethodConfig):
         _check_targets(problems, self.targets)
         _flag(problems, "use_rslora", self.use_rslora)
         _choice(problems, "optimizer", self.optimizer, OPTIMIZERS)
+        if not isinstance(self.modules_to_save, str) or len(self.modules_to_save) > MAX_TARGETS_CHARS:
+            problems.append(f"modules_to_save={shown(self.modules_to_save)} must be a comma-separated string "
+                            "like embed_tokens,lm_head")
+        else:
+            try:
+                saved = parse_modules_to_save(self.modules_to_save)
+            except ValueError as error:
+                problems.append(str(error))
+            else:
+                if HEAD_TARGET in saved and isinstance(self.targets, str) and self.head_lora:
+                    problems.append("lm_head is both in targets and in modules_to_save; pick one (LoRA on lm_head, "
+                                    "or lm_head trained in full)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options; modules_to_save only when given (estimates of the default stay as they were)."""
+        data = super().to_dict()
+        if not self.modules_to_save:
+            del data["modules_to_save"]
+        return data
+
+    @property
+    def saved_modules(self) -> tuple[str, ...]:
+        """The roles trained in full: a subset of ("embed_tokens", "lm_head")."""
+        return parse_modules_to_save(self.modules_to_save)
+
+    @property
+    def head_lora(self) -> bool:
+        """Does LoRA go on the output projection (targets lists "lm_head")?"""
+        return HEAD_TARGET in parse_targets(self.targets)
+
+    @property
+    def block_targets(self) -> str:
+        """targets without "lm_head": what selects the decoder-block linears ("" when only lm_head)."""
+        if not self.head_lora:
+            return self.targets
+        return ",".join(t for t in parse_targets(self.targets) if t != HEAD_TARGET)
 
     @property
     def scaling(self) -> float:

@@ -167,7 +167,10 @@ def check_against_model(spec: ModelSpec, method: MethodConfig, setup: TrainSetup
         if problem:
             problems.append(problem)
         else:
-            smallest = min(min(lin.in_features, lin.out_features) for lin in chosen)
+            dims = [min(lin.in_features, lin.out_features) for lin in chosen]
+            if isinstance(method, LoRAConfig) and method.head_lora:
+                dims.append(min(spec.hidden_size, spec.vocab_size))
+            smallest = min(dims)
             if method.rank > smallest:
                 problems.append(f"rank={method.rank} is above the smallest target dimension ({smallest}) of "
                                 f"{spec.name}; use rank ≤ {smallest}")

@@ -241,7 +241,7 @@ def backward_moments(spec, flow, batch: int, seq: int, accumulating: bool) -> di
     if not flow.lm_head_trainable:
         return {"backward: loss": (0, 0, hidden_grad + chunk)}
     new = spec.vocab_size * spec.hidden_size * flow.d
-    added = accumulating or (spec.tie_word_embeddings and flow.embeddings_trainable)
+    added = accumulating or flow.tied_trainable(spec)
     if flow.autocast:
         master = spec.vocab_size * spec.hidden_size * 4
         freed = sum(v for k, v in head_saved(spec, flow, tokens).items() if k != "loss scalars") + new
@@ -288,7 +288,7 @@ def final_norm_moment(spec, flow, batch: int, seq: int, head_grads: int, accumul
     activations = blocks + act.token_ids(flow, batch, seq) + head_saved(spec, flow, tokens)["loss scalars"] + alive
     made, transient = 0, bump
     if flow.lm_head_trainable and not layerwise:
-        tied = spec.vocab_size * spec.hidden_size * (4 if flow.autocast else flow.d) if spec.tie_word_embeddings else 0
+        tied = spec.vocab_size * spec.hidden_size * (4 if flow.autocast else flow.d) if flow.tied_trainable(spec) else 0
         if accumulating:
             transient += head_grads
         else:

@@ -30,6 +30,21 @@ def projected_experts(spec: ModelSpec, method: MethodConfig) -> list[ExpertShape
     return [ex for ex in spec.experts if is_target(ex, method.targets)]
 
 
+def saved_copies(spec: ModelSpec, method: MethodConfig) -> list[int]:
+    """numel of each trainable copy LoRA's modules_to_save makes (peft's ModulesToSaveWrapper:
+    the original stays, frozen): the token embedding (V × h) and/or lm_head (V × h, tied or not)."""
+    if not isinstance(method, LoRAConfig):
+        return []
+    return [spec.vocab_size * spec.hidden_size for _ in method.saved_modules]
+
+
+def head_lora_shapes(spec: ModelSpec, method: MethodConfig) -> list[tuple[int, int]]:
+    """LoRA on lm_head ("lm_head" among the targets): A (r × h) and B (V × r); else none."""
+    if not isinstance(method, LoRAConfig) or not method.head_lora:
+        return []
+    return [(method.rank, spec.hidden_size), (spec.vocab_size, method.rank)]
+
+
 def int8_weight_bytes(numel: int, group_size: int) -> int:
     """A Q-GaLore INT8 weight: one byte a weight plus the group constants."""
     return quantized_nbytes(numel, 8, group_size)
@@ -39,7 +54,7 @@ def weights_bytes(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -> i
     """Every model weight as stored: trainable, frozen, quantized codes and their constants."""
     d = DTYPE_BYTES[setup.dtype]
     buffers = spec.float_buffer_numel * d + spec.other_buffer_bytes
-    total = spec.params_total * d + buffers
+    total = spec.params_total * d + buffers + sum(saved_copies(spec, method)) * d
     if isinstance(method, QLoRAConfig):  # QLoRA quantizes every linear of the decoder blocks
         for lin in spec.linears:
             weight = lin.in_features * lin.out_features
@@ -54,7 +69,7 @@ def weights_bytes(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -> i
 def lora_params(spec: ModelSpec, method: LoRAConfig) -> int:
     """A (r × in) and B (out × r) for every target linear (Hu et al. 2021, arXiv 2106.09685 §4)."""
     return sum(lin.count * method.rank * (lin.in_features + lin.out_features)
-               for lin in target_linears(spec, method.targets))
+               for lin in target_linears(spec, method.targets)) + sum(m * n for m, n in head_lora_shapes(spec, method))
 
 
 def adapter_dtype_bytes(method: MethodConfig, setup: TrainSetup) -> int:
@@ -76,7 +91,7 @@ def trainable_tensors(spec: ModelSpec, method: MethodConfig) -> list[int]:
         out = []
         for lin in target_linears(spec, method.targets):
             out += [method.rank * lin.in_features, method.rank * lin.out_features] * lin.count
-        return out
+        return out + [m * n for m, n in head_lora_shapes(spec, method)] + saved_copies(spec, method)
     out = []
     for lin in spec.linears:
         weight = lin.in_features * lin.out_features
@@ -137,9 +152,12 @@ def block_gradient_bytes(spec: ModelSpec, method: MethodConfig, setup: TrainSetu
 
 
 def head_gradient_bytes(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -> int:
-    """Gradients made by the loss end of backward: lm_head (the embedding's, when tied) and the final norm."""
+    """Gradients made by the loss end of backward: lm_head (the embedding's, when tied) and the final norm;
+    LoRA: lm_head's adapters and/or its trainable copy (modules_to_save)."""
     if isinstance(method, LoRAConfig):
-        return 0
+        adapters = sum(m * n for m, n in head_lora_shapes(spec, method)) * adapter_dtype_bytes(method, setup)
+        copy = spec.vocab_size * spec.hidden_size * DTYPE_BYTES[setup.dtype] if "lm_head" in method.saved_modules else 0
+        return adapters + copy
     return (spec.vocab_size + 1) * spec.hidden_size * DTYPE_BYTES[setup.dtype]
 
 
@@ -150,7 +168,7 @@ def params_trainable(spec: ModelSpec, method: MethodConfig) -> int:
 def gradient_bytes(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -> int:
     """Gradients of every trainable tensor, in its dtype (all of them exist after backward)."""
     if isinstance(method, LoRAConfig):
-        return adapters_bytes(spec, method, setup)
+        return adapters_bytes(spec, method, setup) + sum(saved_copies(spec, method)) * DTYPE_BYTES[setup.dtype]
     return params_trainable(spec, method) * DTYPE_BYTES[setup.dtype]
 
 
@@ -272,12 +290,20 @@ def galore_optimizer_bytes(spec: ModelSpec, method: GaLoreConfig, setup: TrainSe
 
 
 def lora_optimizer_bytes(spec: ModelSpec, method: LoRAConfig, setup: TrainSetup) -> int:
+    """States of the adapters (adapter dtype) and of modules_to_save's copies (weight dtype)."""
     d = adapter_dtype_bytes(method, setup)
-    numels = trainable_tensors(spec, method)
+    copies = saved_copies(spec, method)
+    numels = trainable_tensors(spec, method)[:len(trainable_tensors(spec, method)) - len(copies)]
     shapes = []
     for lin in target_linears(spec, method.targets):
         shapes += [(method.rank, lin.in_features), (lin.out_features, method.rank)] * lin.count
-    return optimizer_state_bytes(numels, shapes, d, method.optimizer)
+    shapes += head_lora_shapes(spec, method)
+    total = optimizer_state_bytes(numels, shapes, d, method.optimizer)
+    if copies:  # the 8-bit maps are shared with the adapters' (made once)
+        total += optimizer_state_bytes(copies, [(spec.vocab_size, spec.hidden_size)] * len(copies),
+                                       DTYPE_BYTES[setup.dtype], method.optimizer)
+        total -= qmap_bytes(numels, method.optimizer) if qmap_bytes(copies, method.optimizer) else 0
+    return total
 
 
 def optimizer_bytes(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -> int:

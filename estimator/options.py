@@ -52,6 +52,9 @@ METHOD_OPTIONS = (
     Option("--lora-dropout", "dropout", float, "dropout on the LoRA input", LORA),
     Option("--lora-targets", "targets", str, "attention, mlp, all-linear, or names like q_proj,v_proj", LORA),
     Option("--rslora", "use_rslora", bool, "scale LoRA by alpha / sqrt(rank)", LORA),
+    Option("--modules-to-save", "modules_to_save", str, "LoRA: train these in full beside the adapters, as peft's "
+           "modules_to_save (a trainable copy each): embed_tokens, lm_head or embed_tokens,lm_head (also: "
+           "embeddings, wte, embed_in, embed_out)", LORA),
     Option("--optimizer", "optimizer", str, "optimizer (GaLore: adamw or adamw8bit)", ALL, OPTIMIZERS),
     Option("--quant-type", "quant_type", str, "QLoRA 4-bit data type", ("qlora",), QUANT_TYPES),
     Option("--double-quant", "double_quant", bool, "QLoRA: quantize the quantization constants too", ("qlora",)),
@@ -112,10 +115,9 @@ def as_flags(message: str, method: str, extra: tuple[Option, ...] = ()) -> str:
 def flags_for(method: MethodConfig, setup: TrainSetup) -> list[str]:
     """The command-line flags that rebuild `method` and `setup` (runs started by the app use them)."""
     out = ["--method", method.method]
-    data = method.to_dict()
     for option in METHOD_OPTIONS:
         if method.method in option.methods:
-            out += _flag(option, data[option.field])
+            out += _flag(option, getattr(method, option.field))
     for option in SETUP_OPTIONS:
         out += _flag(option, getattr(setup, option.field))
     return out

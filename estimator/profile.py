@@ -130,6 +130,9 @@ class TraceKey:
     autocast: bool = False
     padded: bool = False
     checkpointing: bool = False  # torch's non-reentrant checkpoint around each layer (our trainer's)
+    # frozen models (LoRA): modules_to_save's trainable copies, untied from each other
+    embeddings_trainable: bool = False  # the input embeddings' weight needs a gradient
+    lm_head_trainable: bool = False  # lm_head keeps its input (a trainable copy, or LoRA on it)
 
 
 @dataclass(frozen=True)
@@ -357,6 +360,14 @@ def _build(spec: ModelSpec, key: TraceKey):
         for name, b in module._buffers.items():
             if b is not None:
                 module._buffers[name] = fake(b, False)
+    if not key.trainable and (key.embeddings_trainable or key.lm_head_trainable):
+        embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if head is not None and head.weight is embeddings.weight:  # a copy is its module's own: untied
+            with mode:
+                head.weight = nn.Parameter(torch.empty_like(head.weight), requires_grad=False)
+        embeddings.weight.requires_grad_(key.embeddings_trainable)
+        if head is not None:
+            head.weight.requires_grad_(key.lm_head_trainable)
     if key.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     template: dict = {}

@@ -25,7 +25,7 @@ import re
 
 from torch import nn
 
-from .config import TARGET_SHORTHANDS, parse_targets
+from .config import HEAD_TARGET, TARGET_SHORTHANDS, parse_targets
 
 _ATTENTION_PARTS = ("attn", "attention")
 _MLP_PARTS = ("mlp", "feed_forward", "ffn")
@@ -111,7 +111,10 @@ def targets_problem(targets: str, names: list[str], chosen: bool, where: str, ex
     kind = "is a fused expert weight (3-D, not a linear layer)" if len(frozen) == 1 else \
         "are fused expert weights (3-D, not linear layers)"
     why = f"; {', '.join(frozen)} {kind}: {method} {fate}" if frozen else ""
-    missing = [w for w in parse_targets(targets) if w not in TARGET_SHORTHANDS and w not in available]
+    head = "lora" in method.lower() and HEAD_TARGET in parse_targets(targets)  # LoRA on lm_head: outside the blocks
+    chosen = chosen or head
+    missing = [w for w in parse_targets(targets) if w not in TARGET_SHORTHANDS and w not in available
+               and not (head and w == HEAD_TARGET)]
     if missing:
         return (f"targets={targets!r}: no linear layer named {', '.join(missing)} in {where}; its layers are "
                 f"{layers}{why if set(missing) & set(frozen) else ''}")
@@ -162,6 +165,21 @@ def target_linears(model: nn.Module, targets: str, experts_allowed: bool = False
     if problem:
         raise ValueError(problem)
     return chosen
+
+
+def output_path(model: nn.Module) -> str:
+    """The module path of the output projection (get_output_embeddings(): lm_head, NeoX's embed_out)."""
+    head = model.get_output_embeddings()
+    for path, module in model.named_modules():
+        if module is head:
+            return path
+    raise ValueError(f"{type(model).__name__} has no output projection to put LoRA on; drop lm_head from targets")
+
+
+def input_path(model: nn.Module) -> str:
+    """The module path of the input embeddings (get_input_embeddings(): embed_tokens, wte, embed_in)."""
+    embeddings = model.get_input_embeddings()
+    return next(path for path, module in model.named_modules() if module is embeddings)
 
 
 def target_experts(model: nn.Module, targets: str) -> list[tuple[str, nn.Parameter]]:

@@ -30,6 +30,16 @@ shapes either way, and peft, like `load_adapter`, decides per layer from its typ
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
     ...
     save_adapter(model, cfg, "runs/x/adapter")
+
+modules_to_save (LoRAConfig.modules_to_save: "embed_tokens", "lm_head", both): peft's way, a
+`ModulesToSave` in place of the module holding the frozen `original_module` and a trainable copy
+`modules_to_save.default` that the forward uses. The copy rather than training in place, because
+that is what peft does (users compare with it): those weights are held twice, and with tied
+embeddings the copy is untied from the other use (peft warns, trains the copy alone; so do we).
+The adapter file holds the copies under the module's own path (`base_model.model.model.embed_tokens.weight`),
+`modules_to_save` in adapter_config.json lists their short names, as peft 0.21 writes and reads them.
+"lm_head" among the targets puts LoRA on the output projection (peft allows it; peft's file then also
+carries `lm_head.base_layer.weight`, which load_adapter accepts and ignores: the base is the model's).
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from estimator.config import LoRAConfig, TrainSetup
-from estimator.targets import is_linear, linear_shape, target_linears
+from estimator.targets import input_path, is_linear, linear_shape, output_path, target_linears
 
 from .distributed import Parallel
 from .methods import Prepared
@@ -156,14 +166,76 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}{fan}"
 
 
+class ModulesToSave(nn.Module):
+    """peft's ModulesToSaveWrapper: the original module frozen, a trainable full copy used instead
+    (same parameter names: `<path>.original_module.weight`, `<path>.modules_to_save.default.weight`)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module.requires_grad_(False)
+        trained = _copy_module(module)
+        self.modules_to_save = nn.ModuleDict({"default": trained.requires_grad_(True)})
+
+    @property
+    def trained(self) -> nn.Module:
+        return self.modules_to_save["default"]
+
+    @property
+    def weight(self) -> nn.Parameter:  # what transformers (and our code) read of an embedding or a head
+        return self.trained.weight
+
+    @property
+    def bias(self):
+        return getattr(self.trained, "bias", None)
+
+    def forward(self, *args, **kwargs):
+        return self.trained(*args, **kwargs)
+
+
+def _copy_module(module: nn.Module) -> nn.Module:
+    """A copy of `module` with its own parameters (clones; fake tensors in a dry run too)."""
+    import copy
+
+    memo = {id(p): nn.Parameter(p.detach().clone(), requires_grad=True) for p in module.parameters(recurse=True)}
+    return copy.deepcopy(module, memo)
+
+
+def saved_modules(model: nn.Module) -> dict[str, ModulesToSave]:
+    """Every ModulesToSave of the model by module path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ModulesToSave)}
+
+
+def _save_modules(model: nn.Module, roles: tuple[str, ...]) -> None:
+    """Wrap the input embeddings and/or the output projection (roles: config.SAVE_ROLES) in ModulesToSave."""
+    paths = {"embed_tokens": input_path, "lm_head": output_path}
+    for role in roles:
+        if role == "lm_head" and model.get_output_embeddings() is None:
+            raise ValueError(f"{type(model).__name__} has no output projection; drop lm_head from modules_to_save")
+        path = paths[role](model)
+        module = model.get_submodule(path)
+        if isinstance(module, (ModulesToSave, LoRALinear)):
+            raise ValueError(f"{path} already carries {type(module).__name__}; save it or adapt it, not both")
+        _replace(model, path, _wrapper(module))
+
+
+def _wrapper(module: nn.Module) -> ModulesToSave:
+    """ModulesToSave around `module`, keeping its forward hooks (peft's recipe makes the input
+    embeddings' output require grad with one: it must still run)."""
+    wrapper = ModulesToSave(module)
+    wrapper._forward_hooks.update(module._forward_hooks)
+    return wrapper
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Every LoRALinear of the model by module path."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable factors (lora_A, lora_B weights) — what the optimizer gets."""
-    return [p for layer in lora_layers(model).values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    """The trainable tensors — what the optimizer gets: the factors (lora_A, lora_B weights), then
+    the trained copies of modules_to_save."""
+    factors = [p for layer in lora_layers(model).values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    return factors + [p for m in saved_modules(model).values() for p in m.trained.parameters()]
 
 
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -201,18 +273,39 @@ def _wrap(model: nn.Module, layers: list[tuple[str, nn.Module]], rank: int, alph
     return model
 
 
+def lora_targets(model: nn.Module, cfg: LoRAConfig) -> list[tuple[str, nn.Module]]:
+    """(path, module) of the layers LoRA wraps: the block linears `cfg.targets` selects, and the
+    output projection when it lists "lm_head"."""
+    layers = target_linears(model, cfg.targets) if cfg.block_targets else []
+    if cfg.head_lora:
+        path = output_path(model)
+        layers.append((path, model.get_submodule(path)))
+    return layers
+
+
 def apply_lora(model: nn.Module, cfg: LoRAConfig, *, dtype: torch.dtype | None = None) -> nn.Module:
-    """Wrap the linear layers `cfg.targets` selects in LoRALinear and freeze everything else.
+    """Wrap the linear layers `cfg.targets` selects in LoRALinear (lm_head too when listed), put
+    `cfg.modules_to_save` in ModulesToSave (trainable copies), and freeze everything else.
 
     dtype: of the LoRA factors; default the base weight's dtype (a 4-bit base: its compute dtype).
     The model is changed in place and returned.
     """
-    layers = target_linears(model, cfg.targets)
-    return _wrap(model, layers, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora, dtype)
+    layers = lora_targets(model, cfg)
+    model = _wrap(model, layers, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora, dtype)
+    _save_modules(model, cfg.saved_modules)
+    for p in lora_parameters(model):
+        p.requires_grad_(True)
+    return model
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (forward then costs what the base model costs)."""
+    """Fold every adapter into its base weight (forward then costs what the base model costs).
+    An adapter on an lm_head tied to the embeddings is refused: it would change them too."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for path, layer in lora_layers(model).items():
+        if embeddings is not None and layer.base_layer.weight is getattr(embeddings, "weight", None):
+            raise ValueError(f"{path} shares its weight with the input embeddings (tied): merging would change "
+                             "them too; keep the adapter unmerged, or untie the model first")
     for layer in lora_layers(model).values():
         layer.merge()
     return model
@@ -269,7 +362,7 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, directory: str | Path,
         "fan_in_fan_out": any(from_conv1d(layer.base_layer) for layer in layers.values()),
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in saved_modules(model)}) or None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
@@ -282,6 +375,10 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, directory: str | Path,
         for part in ("lora_A", "lora_B"):
             weight = state[f"{path}.{part}.weight"] if state is not None else getattr(layer, part).weight
             tensors[f"{PEFT_PREFIX}{path}.{part}.weight"] = weight.detach().contiguous()
+    for path, wrapper in saved_modules(model).items():  # peft keeps the copy's keys under the module's own path
+        for name, param in wrapper.trained.named_parameters():
+            key = f"{path}.modules_to_save.default.{name}"
+            tensors[f"{PEFT_PREFIX}{path}.{name}"] = (state[key] if state is not None else param).detach().contiguous()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -301,7 +398,7 @@ def _read_peft_config(directory: Path) -> dict:
     problems = [f"{key}={config.get(key)!r} (only {want!r} is supported)" for key, want in supported.items()
                 if config.get(key) != want]
     problems += [f"{key}={config[key]!r} (not supported)" for key in
-                 ("use_dora", "lora_bias", "modules_to_save", "rank_pattern", "alpha_pattern")
+                 ("use_dora", "lora_bias", "rank_pattern", "alpha_pattern")
                  if config.get(key)]
     if problems:
         raise ValueError(f"{path}: unsupported adapter options {', '.join(problems)}")
@@ -318,6 +415,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     directory = Path(directory)
     config = _read_peft_config(directory)
     state = load_file(str(directory / ADAPTER_WEIGHTS))
+    saved = _load_saved_modules(model, config, state, directory)
+    # peft saves the base weight of an adapted lm_head / embedding too: the model has its own
+    state = {k: v for k, v in state.items() if k not in saved and not k.endswith(".base_layer.weight")}
     bad = [k for k in state if not (k.startswith(PEFT_PREFIX) and k.endswith((".lora_A.weight", ".lora_B.weight")))]
     if bad:
         raise ValueError(f"{directory / ADAPTER_WEIGHTS}: unexpected keys {', '.join(bad[:3])}; "
@@ -354,6 +454,35 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     for layer in layers.values():
         layer.scaling = alpha / math.sqrt(layer.rank) if use_rslora else alpha / layer.rank
     return model
+
+
+def _load_saved_modules(model: nn.Module, config: dict, state: dict, directory: Path) -> set[str]:
+    """Wrap and fill the adapter's modules_to_save (peft's names: the module's short name, or a
+    path ending); returns the keys of `state` they used."""
+    names = config.get("modules_to_save") or []
+    used: set[str] = set()
+    if not names:
+        return used
+    existing = saved_modules(model)
+    for name in names:
+        paths = [p for p, _ in model.named_modules() if p and (p == name or p.endswith("." + name))
+                 and ".original_module" not in p and ".modules_to_save" not in p]
+        paths = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
+        if not paths:
+            raise ValueError(f"{directory / ADAPTER_CONFIG}: modules_to_save {name!r} is not a module of "
+                             f"{type(model).__name__}; load it into the model it was trained on")
+        for path in paths:
+            if path not in existing:
+                _replace(model, path, _wrapper(model.get_submodule(path)))
+            wrapper = model.get_submodule(path)
+            with torch.no_grad():
+                for pname, param in wrapper.trained.named_parameters():
+                    key = f"{PEFT_PREFIX}{path}.{pname}"
+                    if key not in state:
+                        raise ValueError(f"{directory / ADAPTER_WEIGHTS}: {key} is missing; save the adapter again")
+                    param.copy_(state[key])
+                    used.add(key)
+    return used
 
 
 # ---------------------------------------------------------------------------------- method hooks

@@ -163,6 +163,7 @@ def install(model: nn.Module, chunk: int) -> LogitHead:
     if head.problem:
         raise ValueError(head.problem)
     output = model.get_output_embeddings()
+    output = getattr(output, "trained", output)  # modules_to_save: the trainable copy (lowrank/lora.py)
     if not isinstance(output, nn.Linear):
         raise ValueError(f"--loss chunked needs an nn.Linear head, and {type(model).__name__}'s is a "
                          f"{type(output).__name__}; use --loss full")
