@@ -42,7 +42,8 @@ class Flow:
     checkpointing: bool = False
     autocast: bool = False
     cast_linear_params: int | None = None  # block linear weights autocast copies (None: all of them)
-    padded: bool = False  # batches carry an attention mask
+    padded: bool = False  # batches carry an attention mask (or packed ones build one from position ids)
+    packed: bool = False  # packed rows: position ids per row (RoPE tables per row), mask from them
     loss_chunk: int = 0  # tokens per chunk of the chunked loss (lowrank/loss.py); 0: transformers' full loss
     softcap: bool = False  # the chunked loss soft-caps each chunk's logits (one more fp32 chunk in backward)
     copies: bool = False  # trainable embeddings / lm_head are modules_to_save copies: never tied to each other
@@ -401,7 +402,7 @@ def profile(spec: ModelSpec, flow: Flow, batch: int, seq: int):
 
     key = TraceKey(dtype="fp32" if flow.autocast or flow.d == 4 else "bf16", trainable=flow.base_trainable,
                    lora_targets=tuple(sorted(flow.lora_targets)), attn=flow.attn, autocast=flow.autocast,
-                   padded=flow.padded, checkpointing=flow.checkpointing,
+                   padded=flow.padded, packed=flow.packed, checkpointing=flow.checkpointing,
                    embeddings_trainable=flow.embeddings_trainable and not flow.base_trainable,
                    lm_head_trainable=flow.head_keeps_input and not flow.base_trainable)
     return traced_profile(spec, key, batch, seq)
@@ -518,7 +519,7 @@ def shared_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
     """Saved once for all blocks: RoPE's tables (a traced family: whatever its layers share)."""
     if traced(spec):
         return profile(spec, flow, batch, seq).shared(batch, seq)
-    return rotary_tables(spec, flow, seq)
+    return rotary_tables(spec, flow, seq, batch)
 
 
 def checkpointed_layer_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
@@ -537,12 +538,13 @@ def autocast_weight_copies(spec: ModelSpec, flow: Flow) -> int:
     return 2 * (blocks + spec.vocab_size * spec.hidden_size)
 
 
-def rotary_tables(spec: ModelSpec, flow: Flow, seq: int) -> int:
-    """RoPE's cos and sin for the positions of a batch, (1, s, head_dim) each, shared by all
-    blocks (computed in the residual dtype); Llama-family and GPT-NeoX blocks keep them."""
+def rotary_tables(spec: ModelSpec, flow: Flow, seq: int, batch: int = 1) -> int:
+    """RoPE's cos and sin for the positions of a batch, (1, s, head_dim) each — (b, s, head_dim)
+    when packed rows bring their own position ids — shared by all blocks (computed in the residual
+    dtype); Llama-family and GPT-NeoX blocks keep them."""
     if spec.family == "gpt2":
         return 0
-    return 2 * seq * spec.head_dim * flow.residual_d
+    return 2 * (batch if flow.packed else 1) * seq * spec.head_dim * flow.residual_d
 
 
 def token_ids(flow: Flow, batch: int, seq: int) -> int:
@@ -563,7 +565,7 @@ def checkpointed_shared(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> in
         # (measured on the dry run; a trainable model frees them)
         copies = 2 if spec.dropout.get("embd_pdrop", 0.0) > 0 else 1
         kept = copies * batch * seq * spec.hidden_size * flow.d + 8 * seq
-    return mask + rotary_tables(spec, flow, seq) + kept
+    return mask + rotary_tables(spec, flow, seq, batch) + kept
 
 
 def head_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> dict[str, int]:
@@ -662,6 +664,6 @@ def activation_terms(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> dict[
         first = block_saved(spec, flow, batch, seq, first=True)
         other = block_saved(spec, flow, batch, seq, first=False)
         layers = {f"blocks: {k}": first[k] + (spec.num_layers - 1) * other[k] for k in other}
-        layers["blocks: rotary tables"] = rotary_tables(spec, flow, seq)
+        layers["blocks: rotary tables"] = rotary_tables(spec, flow, seq, batch)
     layers["embedding: token ids"] = token_ids(flow, batch, seq)
     return {**layers, **{f"head: {k}": v for k, v in head_saved(spec, flow, batch, seq).items()}}

@@ -170,6 +170,27 @@ def _check_targets(problems: list[str], targets: Any) -> None:
                          f"q_proj,v_proj (at most {MAX_TARGETS_CHARS:,} characters)")
 
 
+# A representative packed row for a dry run or a trace: documents of these shares of seq_len, cycled.
+PACKED_DOCUMENTS = (0.6, 0.4)
+
+
+def packed_positions(lengths: list[int], seq_len: int) -> list[int]:
+    """The position_ids of one packed row holding documents of `lengths` tokens (cycled until the row
+    is full), as lowrank/data.py `packed_rows` gives such a row: restarting at 0 for each document."""
+    out: list[int] = []
+    i = 0
+    while len(out) < seq_len:
+        out += range(min(lengths[i % len(lengths)], seq_len - len(out)))
+        i += 1
+    return out
+
+
+def representative_packed_positions(seq_len: int) -> list[int]:
+    """One packed row of documents of PACKED_DOCUMENTS shares of `seq_len` (two boundaries or more
+    from 4 tokens up, so transformers finds it packed)."""
+    return packed_positions([max(1, round(share * seq_len)) for share in PACKED_DOCUMENTS], seq_len)
+
+
 @dataclass(frozen=True)
 class TrainSetup:
     """What every method shares: the batch, the precision and the activation-saving strategy.
@@ -179,6 +200,10 @@ class TrainSetup:
         mixed precision, the fp32 weights being the master copy.
     padded: micro-batches carry an attention mask (padded prompt/response data), so attention
         takes the masked path instead of the causal fast path (the trainer sets it for .jsonl).
+    packed: documents (or records) are packed into full rows with no padding, position_ids
+        restarting per document (lowrank/data.py `packed_rows`): attention stays inside each
+        document through a block-diagonal mask built from the position ids (SDPA: a boolean
+        (b, 1, s, s) one), RoPE's tables are per row. Replaces padding (padded must be False).
     gpus: data-parallel ranks (processes). batch_size is the whole micro-batch: each rank
         computes batch_size / gpus rows of it, so it must divide. Training takes it from torchrun.
     shard: what the ranks split (lowrank/distributed.py): none (DDP), optimizer (ZeRO-1),
@@ -195,6 +220,7 @@ class TrainSetup:
     grad_checkpointing: bool = False
     attn_implementation: str = "sdpa"
     padded: bool = False
+    packed: bool = False
     gpus: int = 1
     shard: str = "none"
     loss: str = "full"
@@ -213,6 +239,9 @@ class TrainSetup:
                f"got dtype={shown(self.dtype)}")
         _flag(problems, "grad_checkpointing", self.grad_checkpointing)
         _flag(problems, "padded", self.padded)
+        _flag(problems, "packed", self.packed)
+        _check(problems, not (self.packed is True and self.padded is True),
+               "packed=True replaces padding (rows are full, no attention mask), and padded=True: give one of them")
         _positive_int(problems, "gpus", self.gpus, MAX_GPUS)
         _choice(problems, "shard", self.shard, SHARD_STRATEGIES)
         _choice(problems, "loss", self.loss, LOSSES)

@@ -89,6 +89,8 @@ SETUP_OPTIONS = (
     Option("--grad-checkpointing", "grad_checkpointing", bool, "recompute activations in backward"),
     Option("--attn", "attn_implementation", str, "attention implementation", ALL, ATTN_IMPLEMENTATIONS),
     Option("--padded", "padded", bool, "batches carry an attention mask (padded .jsonl data; the trainer sets it)"),
+    Option("--packed", "packed", bool, "sequence packing: documents or records joined into full rows, no padding, "
+           "position ids restarting per document so attention stays inside each (replaces --padded)"),
     Option("--gpus", "gpus", int, "data-parallel GPUs (ranks); --batch-size is split across them (training: "
            "torchrun's world size)"),
     Option("--shard", "shard", str, "what the GPUs split: none (DDP), optimizer (ZeRO-1), gradients (FSDP2 "

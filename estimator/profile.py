@@ -129,6 +129,7 @@ class TraceKey:
     attn: str = "sdpa"
     autocast: bool = False
     padded: bool = False
+    packed: bool = False  # packed rows: position ids restarting per document (a mask built from them)
     checkpointing: bool = False  # torch's non-reentrant checkpoint around each layer (our trainer's)
     # frozen models (LoRA): modules_to_save's trainable copies, untied from each other
     embeddings_trainable: bool = False  # the input embeddings' weight needs a gradient
@@ -385,6 +386,10 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
     """One traced step at (batch, seq): the tracer, plus the layer/part of every module path."""
     import torch
 
+    from .config import representative_packed_positions
+
+    positions = torch.tensor(representative_packed_positions(seq)).expand(batch, -1).contiguous() if key.packed else None
+
     model, mode, prefix, layers, counts, last, template, lora = _build(spec, key)
     paths = {id(m): path for path, m in model.named_modules()}
     tracer = _Tracer()
@@ -463,11 +468,13 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
         with mode:
             ids = torch.randint(0, spec.vocab_size, (batch, seq))
             inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
-            if key.padded:
+            if key.padded and not key.packed:
                 inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
+            if key.packed:
+                inputs["position_ids"] = mode.from_tensor(positions)
             tracer.register(ids, "weight")  # the batch: not an activation of the step
             autocast = torch.autocast("cpu", dtype=torch.bfloat16) if key.autocast else contextlib.nullcontext()
-            with _unpacked(), _dispatch_mode(tracer), \
+            with _unpacked(positions), _dispatch_mode(tracer), \
                     torch.autograd.graph.saved_tensors_hooks(tracer.pack, lambda t: t):
                 with autocast:
                     loss = model(**inputs).loss
@@ -487,16 +494,26 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
 
 
 @contextlib.contextmanager
-def _unpacked():
-    """transformers checks position ids for packed sequences (a value read); the batches are plain."""
+def _unpacked(packed=None):
+    """transformers checks position ids for packed sequences (a value read); the batches are plain,
+    or packed from the real position ids `packed` (then the document indices are computed by the
+    same operators on the fake ones, as lowrank/dryrun.py does)."""
     from unittest import mock
 
+    import torch
     from torch._subclasses.fake_tensor import is_fake
     from transformers import masking_utils
 
     find = masking_utils.find_packed_sequence_indices
-    with mock.patch.object(masking_utils, "find_packed_sequence_indices",
-                           lambda position_ids: None if is_fake(position_ids) else find(position_ids)):
+
+    def answer(position_ids):
+        if not is_fake(position_ids):
+            return find(position_ids)
+        if packed is None or find(packed) is None:
+            return None
+        return (torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+
+    with mock.patch.object(masking_utils, "find_packed_sequence_indices", answer):
         yield
 
 

@@ -551,6 +551,31 @@ def checkpointing_problem(model_type: str) -> str | None:
     return None
 
 
+def packing_problem(model_type: str) -> str | None:
+    """Why sequence packing (position_ids restarting per document, no attention mask) cannot keep
+    attention inside each document for this family, or None.
+
+    transformers 5 finds packed documents from the position ids it hands its mask builders
+    (masking_utils.find_packed_sequence_indices); a family whose modeling code does not pass
+    them (bloom's ALiBi, OPT's learned offsets, ...) would attend across documents silently.
+    """
+    import importlib
+    import inspect
+
+    cls = _causal_lm_class(model_type) if isinstance(model_type, str) else None
+    source = ""
+    if cls is not None:
+        try:
+            source = inspect.getsource(importlib.import_module(cls.__module__))
+        except (OSError, TypeError, ImportError):
+            source = ""
+    if re.search(r"(create_\w*mask\(|mask_kwargs\s*=\s*\{|mask_function\()[^)}]*position_ids", source):
+        return None
+    why = "its attention mask ignores position ids" if cls is not None else "transformers has no model class for it here"
+    return (f"packed=True: {model_type} cannot keep packed documents apart ({why}), so tokens would attend "
+            f"across documents; train without --packed")
+
+
 def _attr(config, *names, default=None):
     for name in names:
         value = getattr(config, name, None)

@@ -33,6 +33,12 @@ and ends with EOS.
             tokenizer has none); labels are -100 on prompt and padding tokens, and an
             attention_mask marks the padding. Records whose prompt leaves no response token inside
             `seq_len` are skipped and counted in `Data.skipped`.
+    packed  (`packed=True`, either kind) documents or records are concatenated into full rows of
+            `seq_len` tokens with no padding (`packed_rows`): a document that does not fit the rest
+            of a row is split, its tail starting the next row; position_ids restart at 0 for each
+            document (piece), and its first token's label is -100, so no token predicts across a
+            boundary. No attention_mask: transformers reads the boundaries from position_ids
+            (masking_utils.find_packed_sequence_indices) and keeps attention inside each document.
 
 Split: a seeded permutation of the rows (blocks or records) puts round(eval_fraction · rows), at
 least one, in the eval split, as long as one row is left for training; runs with the same seed
@@ -56,6 +62,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from estimator.config import packed_positions  # noqa: F401  (the rows packed_rows makes, for a dry run)
 
 EOT = "<|endoftext|>"
 IGNORE_INDEX = -100  # labels the loss skips (torch cross_entropy's default ignore_index)
@@ -282,6 +290,7 @@ class Rows:
     input_ids: torch.Tensor
     labels: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None  # packed rows: positions restart for each document
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -299,12 +308,15 @@ class Rows:
         batch = {"input_ids": input_ids, "labels": input_ids.clone() if self.labels is None else self.labels[index].long()}
         if self.attention_mask is not None:
             batch["attention_mask"] = self.attention_mask[index].long()
+        if self.position_ids is not None:
+            batch["position_ids"] = self.position_ids[index].long()
         return batch
 
     def subset(self, index: torch.Tensor) -> Rows:
         """The rows at `index`, as Rows."""
-        labels, mask = (None if t is None else t[index] for t in (self.labels, self.attention_mask))
-        return Rows(self.input_ids[index], labels, mask)
+        labels, mask, positions = (None if t is None else t[index]
+                                   for t in (self.labels, self.attention_mask, self.position_ids))
+        return Rows(self.input_ids[index], labels, mask, positions)
 
     def batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """Fixed-order batches, the last one possibly smaller, at most `max_batches` of them."""
@@ -347,6 +359,38 @@ def record_rows(prompts: list[list[int]], responses: list[list[int]], eos_id: in
                          f"(longest prompt {longest} tokens); raise seq_len, or shorten the prompts")
     rows = Rows(*(torch.tensor(t, dtype=torch.int32) for t in (input_ids, labels, mask)))
     return rows, skipped
+
+
+def packed_rows(documents: list[list[int]], seq_len: int, labels: list[list[int]] | None = None) -> Rows:
+    """Documents concatenated into full rows of `seq_len` tokens, no padding, attention kept inside each.
+
+    Greedy, in order: each row takes documents until it is full; a document that does not fit the
+    rest of a row is split there and its tail starts the next row (a document longer than a row
+    is split into several). position_ids restart at 0 for every document and every piece of one;
+    the label of each piece's first token is -100, so the token before it (another document's
+    last) predicts nothing across the boundary. `labels`: per-document targets (-100 on prompts),
+    default the tokens themselves. The tail shorter than a row is dropped.
+    """
+    ids_stream: list[int] = []
+    label_stream: list[int] = []
+    position_stream: list[int] = []
+    for i, doc in enumerate(documents):
+        target = doc if labels is None else labels[i]
+        start = 0
+        while start < len(doc):
+            room = seq_len - len(ids_stream) % seq_len
+            piece = doc[start:start + room]
+            ids_stream += piece
+            label_stream += [IGNORE_INDEX] + list(target[start + 1:start + len(piece)])
+            position_stream += range(len(piece))
+            start += len(piece)
+    count = len(ids_stream) // seq_len
+    if count == 0:
+        raise ValueError(f"the data has {len(ids_stream)} tokens, fewer than seq_len={seq_len}: use seq_len ≤ "
+                         f"{len(ids_stream)}, or more data")
+    rows = [torch.tensor(s[:count * seq_len], dtype=torch.int32).view(count, seq_len)
+            for s in (ids_stream, label_stream, position_stream)]
+    return Rows(rows[0], rows[1], None, rows[2])
 
 
 def split_rows(rows: Rows, eval_fraction: float, seed: int) -> tuple[Rows, Rows]:
@@ -430,6 +474,7 @@ class Data:
     tokenizer_source: str  # the tokenizer folder or id, or the cached BPE folder
     records: int  # documents (text) or records kept (jsonl)
     skipped: int = 0  # jsonl records whose prompt leaves no room for the response
+    packed: bool = False  # rows are packed documents (position_ids, no padding)
 
     def eval_batches(self, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """The held-out rows in a fixed order, in batches of the training batch size."""
@@ -441,7 +486,7 @@ class Data:
                 "vocab": len(self.tokenizer), "records": self.records, "skipped": self.skipped,
                 "train_rows": len(self.train.rows), "eval_rows": len(self.eval_rows),
                 "train_tokens": self.train.rows.tokens, "eval_tokens": self.eval_rows.tokens,
-                "batches_per_epoch": self.train.batches_per_epoch}
+                "batches_per_epoch": self.train.batches_per_epoch, "packed": self.packed}
 
 
 def _check_args(seq_len: int, batch_size: int, seed: int, eval_fraction: float, max_position: int | None) -> None:
@@ -463,7 +508,7 @@ def _check_args(seq_len: int, batch_size: int, seed: int, eval_fraction: float, 
 
 def load_data(source: str | None, tokenizer_source: str | None, vocab_size: int, seq_len: int,
               batch_size: int, seed: int, cache_dir: str | Path, eval_fraction: float = 0.05,
-              max_position: int | None = None, trust_remote_code: bool = False) -> Data:
+              max_position: int | None = None, trust_remote_code: bool = False, packed: bool = False) -> Data:
     """Read `source`, get a tokenizer, build rows, split them; see the module docstring."""
     _check_args(seq_len, batch_size, seed, eval_fraction, max_position)
     kind = "jsonl" if source is not None and Path(source).suffix.lower() == ".jsonl" else "text"
@@ -487,12 +532,20 @@ def load_data(source: str | None, tokenizer_source: str | None, vocab_size: int,
     if kind == "jsonl":
         prompts = [bos + ids for ids in _encode(tokenizer, [p for p, _ in records])]
         responses = _encode(tokenizer, [r for _, r in records])
-        pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-        rows, skipped = record_rows(prompts, responses, eos, pad, seq_len)
-        count = len(records) - skipped
+        if packed:  # no padding: records joined; loss on responses (and their EOS) only
+            rows = packed_rows([p + r + [eos] for p, r in zip(prompts, responses)], seq_len,
+                               [[IGNORE_INDEX] * len(p) + r + [eos] for p, r in zip(prompts, responses)])
+            count = len(records)
+        else:
+            pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+            rows, skipped = record_rows(prompts, responses, eos, pad, seq_len)
+            count = len(records) - skipped
+    elif packed:
+        rows = packed_rows([bos + ids + [eos] for ids in _encode(tokenizer, documents)], seq_len)
+        count = len(documents)
     else:
         rows = text_rows([bos + ids for ids in _encode(tokenizer, documents)], eos, seq_len)
         count = len(documents)
     train_rows, eval_rows = split_rows(rows, eval_fraction, seed)
     return Data(tokenizer, TrainBatches(train_rows, batch_size, seed), eval_rows, kind,
-                source or "pydoc_data.topics", str(tokenizer_source), count, skipped)
+                source or "pydoc_data.topics", str(tokenizer_source), count, skipped, packed)

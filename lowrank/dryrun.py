@@ -23,7 +23,11 @@ What cannot run on fake tensors, and what the dry run does instead:
     or booleans (control flow on values) still raise.
   * transformers checks the position ids for packed sequences (a value read); on fake tensors it
     assumes packing and builds an explicit attention mask that a real run skips. The batches here
-    are plain sequences, so the dry run answers "not packed", as a real run finds.
+    are plain sequences, so the dry run answers "not packed", as a real run finds. Under
+    `setup.packed` the batches carry position_ids that restart per document, built for real by
+    estimator/config.py as a representative packed row (documents of PACKED_DOCUMENTS shares): the
+    check runs on those real values, and the packed document indices are computed by the same
+    operators on the fake position ids, so the block-diagonal mask is measured as a real run builds it.
   * bitsandbytes computes its 8-bit code table with `.tolist()` and caches it per process; the
     dry run computes it for real first (1 KiB on CPU), as the first real quantization would.
   * Params4bit cannot wrap a fake tensor: lowrank/qlora.py keeps fake 4-bit codes in a plain
@@ -53,7 +57,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
-from estimator.config import MethodConfig, TrainSetup
+from estimator.config import MethodConfig, TrainSetup, representative_packed_positions
 from estimator.constants import torch_dtype
 from estimator.distributed import rank_setup
 from estimator.load import built_dtype
@@ -115,21 +119,43 @@ def fake_model(config, setup: TrainSetup, mode: FakeTensorMode, device: torch.de
     return model
 
 
+def packed_position_ids(setup: TrainSetup) -> torch.Tensor:
+    """Real (batch_size, seq_len) position ids of representative packed rows (documents of
+    estimator.config.PACKED_DOCUMENTS shares of seq_len, as lowrank/data.py packs them)."""
+    row = representative_packed_positions(setup.seq_len)
+    return torch.tensor(row).expand(setup.batch_size, -1).contiguous()
+
+
 def micro_batches(vocab_size: int, setup: TrainSetup, device: torch.device) -> list[dict]:
-    """`setup.grad_accum` batches of (batch_size, seq_len) token ids, labels = inputs (as training)."""
+    """`setup.grad_accum` batches of (batch_size, seq_len) token ids, labels = inputs (as training);
+    packed: with representative packed position ids (no attention mask, as lowrank/data.py gives)."""
     out = []
     for _ in range(setup.grad_accum):
         ids = torch.randint(0, vocab_size, (setup.batch_size, setup.seq_len), device=device)
-        out.append({"input_ids": ids, "labels": ids})
+        batch = {"input_ids": ids, "labels": ids}
+        if setup.packed:
+            batch["position_ids"] = packed_position_ids(setup).to(device)
+        out.append(batch)
     return out
 
 
+def packed_indices(find_packed, position_ids: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor | None:
+    """transformers' `find_packed_sequence_indices` on fake `position_ids`: None (not packed) unless
+    `real`, the real position ids they were built from, hold a document boundary; then the same
+    operators run on the fake ones (their result has no values, only the memory of a real run's)."""
+    if real is None or find_packed(real) is None:
+        return None
+    first = position_ids[:, :1] - 1
+    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+
+
 @contextlib.contextmanager
-def _real_run_answers() -> Iterator[None]:
+def _real_run_answers(packed: torch.Tensor | None = None) -> Iterator[None]:
     """Answer the value reads a real run makes outside the traced tensors (module docstring).
 
     The transformers patch answers for fake position ids only, so a real model running in
     another thread meanwhile still checks its own; the lock keeps dry runs from nesting it.
+    `packed`: the real position ids the fake batches' were built from (packed runs).
     """
     from bitsandbytes import functional as bnb_functional
     from transformers import masking_utils
@@ -140,7 +166,9 @@ def _real_run_answers() -> Iterator[None]:
         find_packed = masking_utils.find_packed_sequence_indices
 
         def unpacked_if_fake(position_ids: torch.Tensor) -> torch.Tensor | None:
-            return None if is_fake(position_ids) else find_packed(position_ids)
+            if is_fake(position_ids):
+                return packed_indices(find_packed, position_ids, packed)
+            return find_packed(position_ids)
 
         with mock.patch.object(masking_utils, "find_packed_sequence_indices", unpacked_if_fake):
             yield
@@ -170,7 +198,8 @@ def dry_run(model: str, method: MethodConfig, setup: TrainSetup, device: str = "
     # rather than running for real on zero-filled tensors
     mode = DryRunMode(allow_non_fake_inputs=True, allow_fallback_kernels=False)
     net = fake_model(config, setup, mode, torch.device("cpu"), dtype=built)  # on the host, as built
-    with _real_run_answers(), fake_process_group(setup.gpus, rank), mode:
+    positions = packed_position_ids(rank_setup(setup)) if setup.packed else None
+    with _real_run_answers(positions), fake_process_group(setup.gpus, rank), mode:
         parallel = Parallel(setup.shard, setup.gpus, rank, fake_device, fake=True) if setup.gpus > 1 else None
         with LoadMemory(fake_device, tracker=True) as load:
             load.watch(net)

@@ -307,8 +307,8 @@ def start_session(spec: RunSpec) -> Session:
     tokenizer = spec.tokenizer or (find_tokenizer(path) if path.is_dir() else None)
     cache = Path(spec.out).parent / ".cache" if spec.out else Path(".cache")
     data = load_data(spec.data, tokenizer, model_spec.vocab_size, setup.seq_len, setup.batch_size, spec.seed,
-                     cache, spec.eval_fraction, model_spec.max_position, spec.trust_remote_code)
-    if data.kind == "jsonl":  # prompt/response rows are padded: attention takes the masked path
+                     cache, spec.eval_fraction, model_spec.max_position, spec.trust_remote_code, packed=setup.packed)
+    if data.kind == "jsonl" and not setup.packed:  # prompt/response rows are padded: attention takes the masked path
         setup = dataclasses.replace(setup, padded=True)
     predicted = estimate_spec(model_spec, spec.method, setup, device=device.type)
     prepared, pretrained, load_peak = load_model(spec, setup, device, parallel)

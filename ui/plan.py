@@ -26,6 +26,7 @@ from .widgets import METHOD_LABELS, configs_and_setup, method_options_block, set
 SOURCES = ("preset", "hub id or local path", "uploaded config.json")
 SWEEPS = ("batch size", "sequence length", "rank", "GPUs", "loss chunk tokens")
 FULL_LOSS = " · full loss"  # the key suffix of a method's full-loss line in the loss-chunk sweep
+PACKED, PADDED = " · packed", " · padded"  # packed or padded batches: the other drawn beside
 NO_GPU = "none"
 DEVICES = ("cuda", "cpu")
 SUMMARY_COLUMNS = ("method", "trainable", "peak", "phase", "load", "with overhead", "fits", "smallest GPU")
@@ -129,12 +130,23 @@ def sweep(spec: ModelSpec, configs: list[MethodConfig], setup: TrainSetup, axis:
             except ValueError:
                 full = None
             series[cfg.method + FULL_LOSS] = [full] * len(xs)
+        if setup.packed or setup.padded:  # what-if: the same sweep with the other kind of batch
+            other = replace(setup, packed=not setup.packed, padded=setup.packed)
+            ys = []
+            for x in xs:
+                try:
+                    ys.append(estimate_spec(spec, *with_value(axis, cfg, other, x)).total_bytes)
+                except ValueError:  # e.g. a family that cannot pack
+                    ys.append(None)
+            series[cfg.method + (PACKED if other.packed else PADDED)] = ys
     return xs, series
 
 
 def sweep_labels() -> dict[str, str]:
     """The legend's name of each sweep line: the method, and its full-loss line in the loss-chunk sweep."""
-    return {**METHOD_LABELS, **{m + FULL_LOSS: f"{label}, full loss" for m, label in METHOD_LABELS.items()}}
+    return {**METHOD_LABELS, **{m + FULL_LOSS: f"{label}, full loss" for m, label in METHOD_LABELS.items()},
+            **{m + PACKED: f"{label}, packed" for m, label in METHOD_LABELS.items()},
+            **{m + PADDED: f"{label}, padded" for m, label in METHOD_LABELS.items()}}
 
 
 def fmt_count(n: int) -> str:

@@ -220,6 +220,8 @@ def setup_widgets(batch_size: int = 1, seq_len: int = 256, dtype: str = "bf16", 
         widgets["loss_chunk_tokens"] = gr.Number(DEFAULT_CHUNK_TOKENS, minimum=1, maximum=MAX_CHUNK_TOKENS, step=1,
                                                  precision=0, label="tokens per loss chunk",
                                                  info="--loss-chunk-tokens (with the chunked loss)")
+    with gr.Row():  # how rows are filled, beside the batch (the Plan tab's sweep draws padded rows beside)
+        widgets["packed"] = gr.Checkbox(False, label="sequence packing (no padding)", info=SETUP_HELP["packed"])
     widgets |= {
         "gpus": gr.Number(1, minimum=1, maximum=max_gpus, step=1, precision=0, label=gpus_label,
                           info="the batch size is split across them; memory is per GPU"),
@@ -238,13 +240,15 @@ def setup_widgets(batch_size: int = 1, seq_len: int = 256, dtype: str = "bf16", 
 
 def train_setup(batch_size: float, seq_len: float, grad_accum: float, dtype: str, autocast: bool,
                 grad_checkpointing: bool, attn_implementation: str, gpus: float = 1,
-                shard: str = "none", loss: str = "full", loss_chunk_tokens: float = DEFAULT_CHUNK_TOKENS) -> TrainSetup:
+                shard: str = "none", loss: str = "full", loss_chunk_tokens: float = DEFAULT_CHUNK_TOKENS,
+                packed: bool = False, padded: bool = False) -> TrainSetup:
     """TrainSetup from the setup widgets' values (ValueError names the field)."""
     return TrainSetup(batch_size=_coerce(batch_size, 1), seq_len=_coerce(seq_len, 1),
                       grad_accum=_coerce(grad_accum, 1), dtype=dtype, autocast=bool(autocast),
                       grad_checkpointing=bool(grad_checkpointing), attn_implementation=attn_implementation,
                       gpus=_coerce(gpus, 1), shard=shard, loss=loss,
-                      loss_chunk_tokens=_coerce(loss_chunk_tokens, DEFAULT_CHUNK_TOKENS))
+                      loss_chunk_tokens=_coerce(loss_chunk_tokens, DEFAULT_CHUNK_TOKENS), packed=bool(packed),
+                      padded=bool(padded))
 
 
 def configs_and_setup(methods: list[str], values: dict[str, Any]) -> tuple[list[MethodConfig], TrainSetup]:
@@ -256,6 +260,6 @@ def configs_and_setup(methods: list[str], values: dict[str, Any]) -> tuple[list[
 def split_setup(values: dict[str, Any]) -> tuple[TrainSetup, dict[str, Any]]:
     """(TrainSetup from the setup keys, the remaining values: method options)."""
     names = ("batch_size", "seq_len", "grad_accum", "dtype", "autocast", "grad_checkpointing", "attn_implementation",
-             "gpus", "shard", "loss", "loss_chunk_tokens")
+             "gpus", "shard", "loss", "loss_chunk_tokens", "packed", "padded")
     setup = train_setup(**{n: values[n] for n in names if n in values})
     return setup, {k: v for k, v in values.items() if k not in names}
