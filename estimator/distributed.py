@@ -18,8 +18,9 @@ estimate's at the per-rank batch. The rest depends on the strategy (lowrank/dist
                 in flight (prefetch)
 
 FSDP's named terms: sharded parameters, gradients and states (each tensor's first dimension
-padded to a multiple of N: a mixture of experts' fused (E, m, n) weight splits its experts); the
-root module's gathered parameters (embeddings, final norm, lm_head); the gathered block being
+padded to a multiple of N: a mixture of experts' fused (E, m, n) weight splits its experts, or,
+with fewer experts than ranks, its rows, gathered through a temporary); the root module's
+gathered parameters (embeddings, final norm, lm_head); the gathered block being
 computed; the flat all-gather buffer of the block prefetched; the flat reduce-scatter input of
 the previous block (kept until the next reduce-scatter starts); the root's gradients,
 reduce-scattered only at the end of backward. A block's gather is a moment of its own, forward
@@ -195,6 +196,14 @@ def zero_states(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -> lis
 
 
 # ---------------------------------------------------------------------------- FSDP2
+def expert_shard_dim(num_experts: int, rows: int, world: int) -> int:
+    """The dimension FSDP2 shards a fused expert weight (E, m, n) on (lowrank/distributed.py): its
+    experts (0, the default) unless there are fewer experts than ranks, where ranks would hold
+    padding alone (Mixtral's 8 on 16 GPUs: 1/8 of the experts per rank, gathered to 16); then its
+    rows (1), when they split evenly, as FSDP2 requires of any other dimension."""
+    return 1 if num_experts < world and rows % world == 0 else 0
+
+
 def _local(dim0: int, rest: int, world: int) -> int:
     """A rank's padded shard of a tensor: its first dimension split in N equal chunks."""
     return ceil(dim0 / world) * rest
@@ -212,13 +221,14 @@ class Shards:
     root_gathered: int  # embeddings, final norm and lm_head, gathered
     root_trainable_gathered: int
     trainable_tensors_local: tuple[int, ...]  # each trainable tensor's shard (Adam states, one by one)
+    block_copy_out: int = 0  # a block's expert weights sharded on their rows: gathered through a temporary
 
 
-def _block_tensors(spec: ModelSpec, method: MethodConfig) -> list[tuple[int, int, bool, int]]:
-    """(first dimension, elements per row, trainable, how many in the model) of every kind of
-    tensor the decoder blocks hold: linears (LoRA: the base frozen, its two factors trainable),
-    fused expert weights (E, m, n) — FSDP2 splits their experts (dim 0) like a linear's rows —,
-    routers and the other small tensors, norms."""
+def _block_tensors(spec: ModelSpec, method: MethodConfig, world: int) -> list[tuple[int, int, bool, int]]:
+    """(sharded dimension, elements per index of it, trainable, how many in the model) of every kind
+    of tensor the decoder blocks hold: linears (LoRA: the base frozen, its two factors trainable),
+    fused expert weights (E, m, n) — FSDP2 splits their experts (dim 0) like a linear's rows, or
+    their m rows (`expert_shard_dim`) —, routers and the other small tensors, norms."""
     lora = isinstance(method, LoRAConfig)
     h, layers = spec.hidden_size, spec.num_layers
     kinds = []
@@ -229,7 +239,10 @@ def _block_tensors(spec: ModelSpec, method: MethodConfig) -> list[tuple[int, int
         if lora and mem.is_target(lin, method.targets):
             kinds += [(method.rank, lin.in_features, True, lin.count), (lin.out_features, method.rank, True, lin.count)]
     for ex in spec.experts:  # frozen under LoRA (no adapters on fused expert weights)
-        kinds.append((ex.num_experts, ex.out_features * ex.in_features, not lora, ex.count))
+        if expert_shard_dim(ex.num_experts, ex.out_features, world):
+            kinds.append((ex.out_features, ex.num_experts * ex.in_features, not lora, ex.count))
+        else:
+            kinds.append((ex.num_experts, ex.out_features * ex.in_features, not lora, ex.count))
     for numel, count in _other_tensors(spec):
         # only sizes are known: a multiple of h is a router or gate, (outputs, h) as nn.Linear stores it
         kinds.append((numel // h, h, not lora, count) if numel % h == 0 else (numel, 1, not lora, count))
@@ -256,7 +269,7 @@ def shards(spec: ModelSpec, method: MethodConfig, world: int) -> Shards:
     h, layers = spec.hidden_size, spec.num_layers
     block, block_trainable, local_tensors = 0, 0, []
     frozen_local = trainable_local = 0
-    for dim0, rest, trainable, count in _block_tensors(spec, method):
+    for dim0, rest, trainable, count in _block_tensors(spec, method, world):
         local = _local(dim0, rest, world)
         per_block = round(count / layers)
         block += local * world * per_block
@@ -283,8 +296,12 @@ def shards(spec: ModelSpec, method: MethodConfig, world: int) -> Shards:
             root_trainable += local * world
             trainable_local += local
             local_tensors.append(local)
+    # FSDP2 gathers a tensor sharded on another dimension than 0 into a temporary first, then
+    # concatenates its ranks' chunks along that dimension into the gathered parameter
+    copy_out = sum(ex.numel * round(ex.count / layers) for ex in spec.experts
+                   if expert_shard_dim(ex.num_experts, ex.out_features, world))
     return Shards(frozen_local, trainable_local, block, block_trainable, root_gathered, root_trainable,
-                  tuple(local_tensors))
+                  tuple(local_tensors), copy_out)
 
 
 def fsdp_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
@@ -305,6 +322,7 @@ def fsdp_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
     sizes = Counter(sh.trainable_tensors_local)  # each shard's states, alike for alike sizes
     states = sum(count * mem.optimizer_state_bytes([t], None, a, method.optimizer) for t, count in sizes.items())
     block_w = sh.block_gathered * d  # a gathered block (LoRA factors beside the base: both in d here)
+    copy_out = sh.block_copy_out * d  # its experts sharded on their rows, gathered into a temporary first
     root_w = sh.root_gathered * d
     block_rs = sh.block_trainable_gathered * a  # a block's reduce-scatter input (its trainable gradients)
     block_grad_shard = block_rs // world
@@ -347,7 +365,7 @@ def fsdp_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
         inputs = hidden * (1 if k == 0 or act.checkpointed(spec, flow) else 2)
         candidate = {"weights": sharded["weights"] + gathered - block_w, "adapters": sharded["adapters"],
                      "gradients": accumulated, "optimizer": states, "activations": activations,
-                     "transient": previous + block_w + inputs}
+                     "transient": previous + block_w + copy_out + inputs}
         if "forward: a block's gather" not in moments or sum(candidate.values()) > \
                 sum(moments["forward: a block's gather"].values()):
             moments["forward: a block's gather"] = candidate
@@ -389,7 +407,7 @@ def fsdp_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
                 activations = sum(parts.values()) + (sum(bottom.values()) + (below - 1) * sum(other.values())
                                                      if below else 0) + \
                     act.shared_saved(spec, flow, b, s) + act.token_ids(flow, b, s)
-            candidate = moment(gathered, done, activations, block_w + pending + hidden)
+            candidate = moment(gathered, done, activations, block_w + copy_out + pending + hidden)
             if "backward: a block's gather" not in moments or sum(candidate.values()) > \
                     sum(moments["backward: a block's gather"].values()):
                 moments["backward: a block's gather"] = candidate

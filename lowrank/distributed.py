@@ -7,6 +7,10 @@
                 from forward to backward, gradients reduce-scattered
     full        ZeRO-3: fully_shard, parameters resharded after each block's forward
 
+Under FSDP a block's every parameter is sharded with it: a mixture of experts' fused (E, m, n)
+weight splits its experts (dim 0, padded to the world size), or its rows when there are fewer
+experts than ranks (padding alone on some ranks otherwise; `expert_shard_dim`).
+
 Launch: `torchrun --nproc-per-node N -m lowrank.train ...` (NCCL on CUDA, Gloo on CPU). The
 batch of a step is split across the ranks: `--batch-size B` on N ranks gives each B/N rows of
 every micro-batch, so N ranks train the same tokens, in the same order, as one process.
@@ -36,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from estimator.config import SHARD_STRATEGIES, MethodConfig
-from estimator.distributed import FSDP_STRATEGIES, refusal
+from estimator.distributed import FSDP_STRATEGIES, expert_shard_dim, refusal
 
 TIMEOUT = datetime.timedelta(minutes=10)  # a rank that waits longer for the others gives up
 
@@ -163,16 +167,23 @@ class Parallel:
 
     def _fully_shard(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Shard
 
         from estimator.targets import decoder_layers
 
         reshard = self.strategy == "full"
         _, blocks = decoder_layers(model)
-        # a block's every parameter is sharded with it: a mixture of experts' fused (E, m, n) weights
-        # on dim 0 (FSDP2's default, padded to the world size: each rank keeps ceil(E / N) experts'
-        # rows, so N > E leaves ranks holding padding), routers as linears (estimator/distributed.py)
+
+        def placement(param: nn.Parameter) -> Shard | None:
+            """A mixture of experts' fused (E, m, n) weight on fewer experts than ranks: its rows (dim 1),
+            where dim 0 (FSDP2's default, padded to the world size) would leave ranks holding padding
+            alone; every other parameter on dim 0 (estimator/distributed.py `expert_shard_dim`)."""
+            if param.dim() == 3 and expert_shard_dim(param.shape[0], param.shape[1], self.world) == 1:
+                return Shard(1)
+            return None
+
         for block in blocks:
-            fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard)
+            fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard, shard_placement_fn=placement)
         # the root (embeddings, final norm, head) under `full`: torch's default keeps it gathered
         # from forward into backward, which needs it first (resharding would gather it again at once)
         fully_shard(model, mesh=self.mesh, reshard_after_forward=None if reshard else False)
