@@ -401,7 +401,8 @@ def profile(spec: ModelSpec, flow: Flow, batch: int, seq: int):
     from .profile import TraceKey, traced_profile
 
     key = TraceKey(dtype="fp32" if flow.autocast or flow.d == 4 else "bf16", trainable=flow.base_trainable,
-                   lora_targets=tuple(sorted(flow.lora_targets)), attn=flow.attn, autocast=flow.autocast,
+                   lora_targets=tuple(sorted(flow.lora_targets)), lora_dropout=flow.lora_dropout > 0,
+                   attn=flow.attn, autocast=flow.autocast,
                    padded=flow.padded, packed=flow.packed, checkpointing=flow.checkpointing,
                    embeddings_trainable=flow.embeddings_trainable and not flow.base_trainable,
                    lm_head_trainable=flow.head_keeps_input and not flow.base_trainable)
@@ -409,24 +410,14 @@ def profile(spec: ModelSpec, flow: Flow, batch: int, seq: int):
 
 
 def lora_saved(flow: Flow, layer, tokens: int, seq: int) -> dict[str, int]:
-    """What LoRA adds to a traced layer, by part: each target's rank-r lora_A output, and its input —
-    once per tensor that no other op keeps already (without dropout; under autocast an fp32 input
-    is cast by each consumer), or its own dropout output and mask (with dropout)."""
+    """What LoRA's rank adds to a traced layer, by part. The profile traced each target's branch
+    at rank 1 (its input or dropout copy, lora_A's output); each further rank adds a row of
+    lora_A's output per token."""
     out: dict[str, int] = {}
-    seen: set[int] = set()
     batch = tokens // max(1, seq)
     for lin in layer.linears:
-        tokens = batch * (lin.positions or seq)  # rows the linear sees (a family may prepend prompt tokens)
-        extra = tokens * flow.lora_rank * flow.d
-        if flow.lora_dropout > 0:
-            mask = flow.mask_bytes_of(lin.itemsize) if lin.input_grad else 0
-            extra += tokens * lin.width * (flow.d + mask)
-        elif flow.autocast and lin.itemsize == 4:
-            extra += tokens * lin.width * flow.d
-        elif not lin.already_saved and lin.storage not in seen:
-            extra += tokens * lin.width * lin.itemsize
-        seen.add(lin.storage)
-        out[lin.part] = out.get(lin.part, 0) + extra
+        rows = batch * (lin.positions or seq)  # rows the linear sees (a family may prepend prompt tokens)
+        out[lin.part] = out.get(lin.part, 0) + rows * (flow.lora_rank - 1) * flow.d
     return out
 
 

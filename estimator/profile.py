@@ -120,12 +120,13 @@ class PolyMax:
 
 @dataclass(frozen=True)
 class TraceKey:
-    """What decides the tensors a step saves (estimator/activations.py's Flow, minus LoRA's rank
-    and dropout, which are added by rule)."""
+    """What decides the tensors a step saves (estimator/activations.py's Flow; LoRA's branches are
+    traced at rank 1, and the rank's share of them added by rule)."""
 
     dtype: str  # "fp32" | "bf16" | "fp16": the model's dtype
     trainable: bool  # full-rank methods: every weight trains; False: frozen (LoRA, QLoRA)
     lora_targets: tuple[str, ...] = ()  # frozen: the short names of the linears that carry LoRA
+    lora_dropout: bool = False  # LoRA's branch drops out its input (a copy and a mask instead of the input)
     attn: str = "sdpa"
     autocast: bool = False
     padded: bool = False
@@ -430,15 +431,27 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
                                        x.element_size(), x.numel() // max(1, int(x.shape[-1])))
         return hook
 
-    with mode:
-        dummy = torch.nn.Parameter(torch.zeros((), device="cpu"), requires_grad=True)
+    from .targets import linear_shape
 
-    def inject(module, args, out):  # LoRA's branch makes the output need a gradient
-        return out + dummy
+    factors: dict[str, tuple] = {}
+    with mode:  # LoRA's branch at rank 1 (lowrank/lora.py: base(x) + lora_B(lora_A(dropout(x))) · scaling)
+        for path, m in lora:
+            in_f, out_f = linear_shape(m)
+            dtype = m.weight.dtype if m.weight.is_floating_point() else torch.float32
+            factors[path] = (torch.nn.Parameter(torch.zeros(1, in_f, dtype=dtype)),
+                             torch.nn.Parameter(torch.zeros(out_f, 1, dtype=dtype)))
+
+    def inject(path):
+        def hook(module, args, out):
+            a, b = factors[path]
+            x = torch.nn.functional.dropout(args[0], 0.1, training=True) if key.lora_dropout else args[0]
+            x = x if key.autocast else x.to(a.dtype)  # autocast casts by itself
+            return out + torch.nn.functional.linear(torch.nn.functional.linear(x, a), b) * 2.0
+        return hook
 
     for path, m in lora:
         handles.append(m.register_forward_pre_hook(linear_pre(path)))
-        handles.append(m.register_forward_hook(inject))
+        handles.append(m.register_forward_hook(inject(path)))
     def first_input(module, args, kwargs):  # the first layer's input gradient ends its backward
         hidden = args[0] if args else kwargs.get("hidden_states")
         if tracer.phase == "forward" and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
@@ -461,9 +474,12 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
     for name, p in model.named_parameters():
         if p.requires_grad:
             grad_hooks.append(p.register_post_accumulate_grad_hook(grad_hook(name)))
+    for path, (a, b) in factors.items():
+        grad_hooks.append(a.register_post_accumulate_grad_hook(grad_hook(f"{path}.lora_A.weight")))
+        grad_hooks.append(b.register_post_accumulate_grad_hook(grad_hook(f"{path}.lora_B.weight")))
     model.train()
     try:
-        for t in (*model.parameters(), *model.buffers()):
+        for t in (*model.parameters(), *model.buffers(), *(f for pair in factors.values() for f in pair)):
             tracer.register(t, "weight")
         with mode:
             ids = torch.randint(0, spec.vocab_size, (batch, seq))
