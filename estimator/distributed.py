@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 from math import ceil
 
 from . import activations as act
+from . import loss as chunked
 from . import memory as mem
 from .config import GaLoreConfig, LoRAConfig, MethodConfig, TrainSetup
 from .constants import ADAM8_MIN_SIZE, DTYPE_BYTES, QMAP_BYTES
@@ -357,7 +358,7 @@ def fsdp_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
         gathered = root_w + (block_w if reshard else (k + 1) * block_w) + block_w  # + the copy-out's source
         below = sum(bottom.values()) + (k - 1) * sum(other.values()) if k else 0  # the blocks done
         activations = below + act.token_ids(flow, b, s) + (act.shared_saved(spec, flow, b, s) if k else 0)
-        if flow.checkpointing:
+        if act.checkpointed(spec, flow):
             activations = k * act.checkpointed_layer_saved(spec, flow, b, s) + act.token_ids(flow, b, s) + \
                 act.checkpointed_shared(spec, flow, b, s)
         # the block's input hidden states; above the first block, the model's forward also still
@@ -382,9 +383,16 @@ def fsdp_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
         "forward: loss": moment(root_w + blocks_kept * block_w, 0, sum(saved.values()),
                                 act.loss_forward_transient(spec, flow, b, s) + act.forward_transient(spec, flow, b, s)
                                 + block_w),
-        "backward: loss": moment(root_w + blocks_kept * block_w, 0, sum(saved.values()),
-                                 act.loss_backward_transient(spec, flow, b, s) + (block_w if reshard else 0)),
     })
+    # the loss's backward (the chunked loss: its node makes lm_head's gathered gradient, reduce-scattered
+    # at the end of backward, so accumulating adds nothing to it)
+    gathered = root_w + blocks_kept * block_w
+    prefetched = block_w if reshard else 0
+    for name, (made, freed, transient) in act.loss_backward_moments(spec, flow, b, s, False).items():
+        moments[name] = moment(gathered, made, sum(saved.values()) - freed, transient + prefetched)
+    if flow.loss_chunk:
+        made, activations, transient = chunked.final_norm_moment(spec, flow, b, s, head_grads, False, False)
+        moments["backward: final norm"] = moment(gathered, made, activations, transient + prefetched)
     block_grads = mem.block_gradient_bytes(spec, method, per_rank)
     for above in range(n):  # the block whose backward runs, counted from the top
         below = n - 1 - above  # blocks still waiting for their backward
@@ -413,7 +421,7 @@ def fsdp_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
                 moments["backward: a block's gather"] = candidate
         for step in act.block_backward_steps(spec, flow, b, s, first=below == 0):
             made = act.step_made(step, block_grads)
-            if flow.checkpointing:
+            if act.checkpointed(spec, flow):
                 activations = (below + 1) * act.checkpointed_layer_saved(spec, flow, b, s) + \
                     act.checkpointed_shared(spec, flow, b, s) + act.token_ids(flow, b, s)
                 recomputed = act.step_alive(parts, step)
