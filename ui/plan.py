@@ -276,13 +276,14 @@ def estimate_memory(model: str = "llama-7b", method: str = "lora", options: dict
                     batch_size: int = 1, seq_len: int = 256, grad_accum: int = 1, dtype: str = "bf16",
                     autocast: bool = False, grad_checkpointing: bool = False, attn_implementation: str = "sdpa",
                     device: str = "cuda", gpus: int = 1, shard: str = "none", loss: str = "full",
-                    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict:
+                    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS, packed: bool = False) -> dict:
     """Predict the memory of one training step: the estimate's JSON object (`Estimate.to_dict`) plus `total_bytes` and `gpus`.
 
     model: a preset (llama-7b, ...), a hub id or a config.json path. method: full, lora, qlora,
     galore or qgalore. options: that method's dataclass fields, e.g. {"rank": 64, "targets": "all-linear"}.
     gpus, shard: data parallelism (shard: none, optimizer, gradients or full); the estimate is per GPU.
-    loss: full or chunked (loss_chunk_tokens tokens at a time: no b·s·V logits).
+    loss: full or chunked (loss_chunk_tokens tokens at a time: no b·s·V logits). packed: documents
+    packed into full rows, attention kept inside each (position ids restarting per document).
     Every argument is checked (types included) and a problem is one message naming the argument and
     the fix; the result holds only integers within 64 bits, finite numbers and strings.
     """
@@ -294,7 +295,7 @@ def estimate_memory(model: str = "llama-7b", method: str = "lora", options: dict
         setup = TrainSetup(batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, dtype=dtype,
                            autocast=autocast, grad_checkpointing=grad_checkpointing,
                            attn_implementation=attn_implementation, gpus=gpus, shard=shard, loss=loss,
-                           loss_chunk_tokens=loss_chunk_tokens)
+                           loss_chunk_tokens=loss_chunk_tokens, packed=packed)
         est = estimate_spec(load_spec(model), cfg, setup, device=device)
         result = {**est.to_dict(), "total_bytes": est.total_bytes,
                   "gpus": fit_table(est) if device == "cuda" else []}

@@ -22,7 +22,7 @@ from ui.plan import estimate_memory
 
 INT64 = 1 << 63
 TOP_LEVEL = ("model", "method", "options", "batch_size", "seq_len", "grad_accum", "dtype", "autocast",
-             "grad_checkpointing", "attn_implementation", "device")
+             "grad_checkpointing", "attn_implementation", "device", "loss", "loss_chunk_tokens", "packed")
 OPTION_NAMES = sorted({name for cls in METHODS.values() for name in cls.option_names()})
 WORDS = sorted({*METHODS, *OPTIMIZERS, *PROJ_TYPES, *QUANT_TYPES, *SVD_METHODS, *TARGET_SHORTHANDS, "q_proj,v_proj",
                 "bf16", "fp32", "fp16", "sdpa", "eager", "cuda", "cpu", "yes", "no", "true", "false", "0", "1"})
@@ -35,10 +35,12 @@ VALID = {"rank": [1, 4, 8, 64, 1024, 65536], "alpha": [1, 16.0, 0.5, 1e6], "drop
          "compute_dtype": ["default", "bf16", "fp32", "fp16"], "recipe": ["ours", "peft"], "update_proj_gap": [1, 200, 10**9], "scale": [0.25, 1, 1e6],
          "proj_type": list(PROJ_TYPES), "layerwise": [False, True], "svd": list(SVD_METHODS), "stagger": [False, True],
          "weight_group_size": [16, 256, 65536], "proj_bits": [4, 8, 16], "proj_group_size": [16, 256, 65536],
-         "adaptive": [False, True], "cos_threshold": [0, 0.4, 1.0], "queue_size": [1, 5, 1000]}
+         "adaptive": [False, True], "cos_threshold": [0, 0.4, 1.0], "queue_size": [1, 5, 1000],
+         "modules_to_save": ["", "embed_tokens", "lm_head", "embeddings,lm_head", "nope"]}
 SETUP = {"batch_size": [1, 2, 64, 1 << 20], "seq_len": [16, 256, 4096, 1 << 24], "grad_accum": [1, 4, 1 << 20],
          "dtype": ["bf16", "fp32", "fp16"], "autocast": [False, True], "grad_checkpointing": [False, True],
-         "attn_implementation": ["sdpa", "eager"], "device": ["cuda", "cpu"]}
+         "attn_implementation": ["sdpa", "eager"], "device": ["cuda", "cpu"], "loss": ["full", "chunked"],
+         "loss_chunk_tokens": [1, 256, 1 << 20], "packed": [False, True]}
 
 scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True)
            | st.text(max_size=20) | st.sampled_from(WORDS))
