@@ -43,6 +43,7 @@ class Flow:
     autocast: bool = False
     cast_linear_params: int | None = None  # block linear weights autocast copies (None: all of them)
     padded: bool = False  # batches carry an attention mask (or packed ones build one from position ids)
+    dequantized: bool = False  # QLoRA: each 4-bit linear dequantizes its weight for its matmul, forward and back
     packed: bool = False  # packed rows: position ids per row (RoPE tables per row), mask from them
     loss_chunk: int = 0  # tokens per chunk of the chunked loss (lowrank/loss.py); 0: transformers' full loss
     softcap: bool = False  # the chunked loss soft-caps each chunk's logits (one more fp32 chunk in backward)
@@ -402,6 +403,7 @@ def profile(spec: ModelSpec, flow: Flow, batch: int, seq: int):
 
     key = TraceKey(dtype="fp32" if flow.autocast or flow.d == 4 else "bf16", trainable=flow.base_trainable,
                    lora_targets=tuple(sorted(flow.lora_targets)), lora_dropout=flow.lora_dropout > 0,
+                   dequantize=flow.dequantized,
                    attn=flow.attn, autocast=flow.autocast,
                    padded=flow.padded, packed=flow.packed, checkpointing=flow.checkpointing,
                    embeddings_trainable=flow.embeddings_trainable and not flow.base_trainable,

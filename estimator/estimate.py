@@ -150,6 +150,7 @@ def make_flow(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, device: 
         autocast=setup.autocast,
         cast_linear_params=cast,
         padded=setup.padded or setup.packed,  # packed rows: a block-diagonal mask from the position ids
+        dequantized=isinstance(method, QLoRAConfig),
         packed=setup.packed,
         loss_chunk=setup.loss_chunk_tokens if setup.loss == "chunked" else 0,
         softcap=setup.loss == "chunked" and spec_logit_head(spec).softcap is not None,
@@ -436,7 +437,8 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
     else:
         embedding_grads = 0 if layerwise or spec.tie_word_embeddings else spec.embedding_params * d
     tied_pending = spec.vocab_size * spec.hidden_size * d if layerwise and spec.tie_word_embeddings else 0
-    dequant = dequant_transient(spec, method, setup)
+    # a traced QLoRA profile dequantizes each weight where the real step does
+    dequant = 0 if act.traced(spec) and isinstance(method, QLoRAConfig) else dequant_transient(spec, method, setup)
     hooks = layerwise_hooks(spec, method, setup) if layerwise else []
     traced_hooks = act.traced(spec) and bool(hooks)  # each hook beside the moment its gradient is made
     if hooks and not traced_hooks:  # a hook runs inside its block's backward: the gradient flowing

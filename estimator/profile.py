@@ -127,6 +127,7 @@ class TraceKey:
     trainable: bool  # full-rank methods: every weight trains; False: frozen (LoRA, QLoRA)
     lora_targets: tuple[str, ...] = ()  # frozen: the short names of the linears that carry LoRA
     lora_dropout: bool = False  # LoRA's branch drops out its input (a copy and a mask instead of the input)
+    dequantize: bool = False  # QLoRA: every block linear dequantizes its weight in its forward and its backward
     attn: str = "sdpa"
     autocast: bool = False
     padded: bool = False
@@ -431,7 +432,7 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
                                        x.element_size(), x.numel() // max(1, int(x.shape[-1])))
         return hook
 
-    from .targets import linear_shape
+    from .targets import is_linear, linear_shape
 
     factors: dict[str, tuple] = {}
     with mode:  # LoRA's branch at rank 1 (lowrank/lora.py: base(x) + lora_B(lora_A(dropout(x))) · scaling)
@@ -449,6 +450,10 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
             return out + torch.nn.functional.linear(torch.nn.functional.linear(x, a), b) * 2.0
         return hook
 
+    if key.dequantize:  # bitsandbytes' 4-bit matmul: a dequantized copy per matmul, nothing saved but the codes
+        for path, m in model.named_modules():
+            if path.startswith(prefix + ".") and is_linear(m) and m.weight.ndim == 2:
+                m.forward = _dequantizing_forward(m)
     for path, m in lora:
         handles.append(m.register_forward_pre_hook(linear_pre(path)))
         handles.append(m.register_forward_hook(inject(path)))
@@ -507,6 +512,32 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
     tied = lm_head is not None and embedding is not None and lm_head.weight is embedding.weight
     pending = lm_head.weight.nbytes if tied and lm_head.weight.requires_grad else None
     return tracer, prefix, counts, last, linear_inputs, lm_head_path, pending
+
+
+def _dequantizing_forward(module):
+    """`module`'s forward as a 4-bit linear computes it (bitsandbytes' MatMul4Bit): the weight is
+    dequantized into a temporary for the matmul, and again for the input's gradient."""
+    import torch
+
+    conv1d = type(module).__name__ == "Conv1D"  # GPT-2 stores (in, out)
+
+    class Dequantized(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight):
+            ctx.weight = weight
+            w = weight.clone()
+            return x @ w if conv1d else x @ w.t()
+
+        @staticmethod
+        def backward(ctx, grad):
+            w = ctx.weight.clone()
+            return (grad @ w.t() if conv1d else grad @ w), None
+
+    def forward(x):
+        out = Dequantized.apply(x, module.weight)
+        return out + module.bias if module.bias is not None else out
+
+    return forward
 
 
 @contextlib.contextmanager
