@@ -44,6 +44,7 @@ class Flow:
     cast_linear_params: int | None = None  # block linear weights autocast copies (None: all of them)
     padded: bool = False  # batches carry an attention mask (or packed ones build one from position ids)
     dequantized: bool = False  # QLoRA: each 4-bit linear dequantizes its weight for its matmul, forward and back
+    int8: bool = False  # Q-GaLore: each INT8 linear dequantizes its weight for its matmul, forward and back
     packed: bool = False  # packed rows: position ids per row (RoPE tables per row), mask from them
     loss_chunk: int = 0  # tokens per chunk of the chunked loss (lowrank/loss.py); 0: transformers' full loss
     softcap: bool = False  # the chunked loss soft-caps each chunk's logits (one more fp32 chunk in backward)
@@ -98,6 +99,7 @@ class BackwardStep:
     transient: int
     alive_bytes: int | None = None
     made_share: float | None = None
+    made_bytes: int | None = None  # traced full-rank: the block's gradient bytes made, as traced
 
 
 def step_alive(parts: dict[str, int], step: BackwardStep) -> int:
@@ -107,6 +109,8 @@ def step_alive(parts: dict[str, int], step: BackwardStep) -> int:
 
 def step_made(step: BackwardStep, block_grads: dict[str, int]) -> int:
     """The block's gradient bytes made by `step` (`block_grads`: all of them, by parameter group)."""
+    if step.made_bytes is not None and block_grads:
+        return step.made_bytes
     if step.made_share is not None:
         return round(step.made_share * sum(block_grads.values()))
     return sum(block_grads.get(k, 0) for k in step.grads_of)
@@ -403,7 +407,7 @@ def profile(spec: ModelSpec, flow: Flow, batch: int, seq: int):
 
     key = TraceKey(dtype="fp32" if flow.autocast or flow.d == 4 else "bf16", trainable=flow.base_trainable,
                    lora_targets=tuple(sorted(flow.lora_targets)), lora_dropout=flow.lora_dropout > 0,
-                   dequantize=flow.dequantized,
+                   dequantize=flow.dequantized, int8=flow.int8,
                    attn=flow.attn, autocast=flow.autocast,
                    padded=flow.padded, packed=flow.packed, checkpointing=flow.checkpointing,
                    embeddings_trainable=flow.embeddings_trainable and not flow.base_trainable,
@@ -443,8 +447,20 @@ def traced_backward_steps(spec: ModelSpec, flow: Flow, batch: int, seq: int, fir
     layer = p.layers[0] if first else p.layers[p.last]
     lora = sum(lora_saved(flow, layer, batch * seq, seq).values()) if flow.lora_targets else 0
     total = p.grad_bytes.get(layer.index, 0)
+    traced_made = flow.base_trainable  # full-rank: the trace made the same gradients (layers of any kind)
     return [BackwardStep((), (), step.transient(batch, seq), alive_bytes=step.alive(batch, seq) + lora,
-                         made_share=step.made / total if total else 1.0) for step in layer.steps]
+                         made_share=step.made / total if total else 1.0,
+                         made_bytes=step.made if traced_made else None) for step in layer.steps]
+
+
+def traced_block_gradients(spec: ModelSpec, flow: Flow, batch: int, seq: int, first: bool) -> int | None:
+    """All of one block's gradient bytes as traced (full-rank flows; None otherwise): the first
+    block's, or the last one's."""
+    if not (traced(spec) and flow.base_trainable):
+        return None
+    p = profile(spec, flow, batch, seq)
+    layer = p.layers[0] if first else p.layers[p.last]
+    return p.grad_bytes.get(layer.index, 0)
 
 
 # ---------------------------------------------------------------------------- a whole step

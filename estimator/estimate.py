@@ -151,6 +151,7 @@ def make_flow(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, device: 
         cast_linear_params=cast,
         padded=setup.padded or setup.packed,  # packed rows: a block-diagonal mask from the position ids
         dequantized=isinstance(method, QLoRAConfig),
+        int8=isinstance(method, QGaLoreConfig),
         packed=setup.packed,
         loss_chunk=setup.loss_chunk_tokens if setup.loss == "chunked" else 0,
         softcap=setup.loss == "chunked" and spec_logit_head(spec).softcap is not None,
@@ -438,7 +439,8 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
         embedding_grads = 0 if layerwise or spec.tie_word_embeddings else spec.embedding_params * d
     tied_pending = spec.vocab_size * spec.hidden_size * d if layerwise and spec.tie_word_embeddings else 0
     # a traced QLoRA profile dequantizes each weight where the real step does
-    dequant = 0 if act.traced(spec) and isinstance(method, QLoRAConfig) else dequant_transient(spec, method, setup)
+    dequant = 0 if act.traced(spec) and isinstance(method, (QLoRAConfig, QGaLoreConfig)) else \
+        dequant_transient(spec, method, setup)
     hooks = layerwise_hooks(spec, method, setup) if layerwise else []
     traced_hooks = act.traced(spec) and bool(hooks)  # each hook beside the moment its gradient is made
     if hooks and not traced_hooks:  # a hook runs inside its block's backward: the gradient flowing
@@ -485,7 +487,9 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
                 gradients = head_grads - tied_new + made
                 recomputed += tied_new
             else:
-                gradients = grads - embedding_grads - sum(block_grads.values()) + made - tied_new
+                own = act.traced_block_gradients(spec, flow, b, s, first=True) if block_grads else None
+                own = sum(block_grads.values()) if own is None else own
+                gradients = grads - embedding_grads - own + made - tied_new
                 recomputed += tied_new
             paired = [] if traced_hooks else hooks
             for _, extra_grads, extra in [("", 0, step.transient + dequant), *paired]:

@@ -128,6 +128,7 @@ class TraceKey:
     lora_targets: tuple[str, ...] = ()  # frozen: the short names of the linears that carry LoRA
     lora_dropout: bool = False  # LoRA's branch drops out its input (a copy and a mask instead of the input)
     dequantize: bool = False  # QLoRA: every block linear dequantizes its weight in its forward and its backward
+    int8: bool = False  # Q-GaLore: every block linear is INT8, dequantized (through an fp32 block) per matmul
     attn: str = "sdpa"
     autocast: bool = False
     padded: bool = False
@@ -432,7 +433,7 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
                                        x.element_size(), x.numel() // max(1, int(x.shape[-1])))
         return hook
 
-    from .targets import is_linear, linear_shape
+    from .targets import block_linears, linear_shape
 
     factors: dict[str, tuple] = {}
     with mode:  # LoRA's branch at rank 1 (lowrank/lora.py: base(x) + lora_B(lora_A(dropout(x))) · scaling)
@@ -450,10 +451,9 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
             return out + torch.nn.functional.linear(torch.nn.functional.linear(x, a), b) * 2.0
         return hook
 
-    if key.dequantize:  # bitsandbytes' 4-bit matmul: a dequantized copy per matmul, nothing saved but the codes
-        for path, m in model.named_modules():
-            if path.startswith(prefix + ".") and is_linear(m) and m.weight.ndim == 2:
-                m.forward = _dequantizing_forward(m)
+    if key.dequantize or key.int8:  # a dequantized copy per matmul (4-bit: nothing saved but the codes)
+        for _path, m in block_linears(model):
+            m.forward = _dequantizing_forward(m, int8=key.int8)
     for path, m in lora:
         handles.append(m.register_forward_pre_hook(linear_pre(path)))
         handles.append(m.register_forward_hook(inject(path)))
@@ -514,24 +514,43 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
     return tracer, prefix, counts, last, linear_inputs, lm_head_path, pending
 
 
-def _dequantizing_forward(module):
-    """`module`'s forward as a 4-bit linear computes it (bitsandbytes' MatMul4Bit): the weight is
-    dequantized into a temporary for the matmul, and again for the input's gradient."""
+def _dequantizing_forward(module, int8: bool = False):
+    """`module`'s forward as a quantized linear computes it. 4-bit (bitsandbytes' MatMul4Bit): the
+    weight is dequantized into a temporary for the matmul, and again for the input's gradient.
+    INT8 (Q-GaLore's Int8Linear, lowrank/quant.py): the same, each dequantization built through
+    one fp32 work block; the input is kept for the weight's gradient."""
     import torch
 
+    from .constants import QUANT_BLOCK
+
     conv1d = type(module).__name__ == "Conv1D"  # GPT-2 stores (in, out)
+
+    def dequantized(weight):
+        work = torch.empty(min(weight.numel(), QUANT_BLOCK), dtype=torch.float32) if int8 else None
+        w = weight.clone()
+        del work
+        return w
 
     class Dequantized(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, weight):
             ctx.weight = weight
-            w = weight.clone()
+            if int8:
+                ctx.save_for_backward(x)
+            w = dequantized(weight)
             return x @ w if conv1d else x @ w.t()
 
         @staticmethod
         def backward(ctx, grad):
-            w = ctx.weight.clone()
-            return (grad @ w.t() if conv1d else grad @ w), None
+            w = dequantized(ctx.weight)
+            grad_x = grad @ w.t() if conv1d else grad @ w
+            del w
+            if not int8:
+                return grad_x, None
+            (x,) = ctx.saved_tensors
+            x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+            grad_w = x2.t() @ g2 if conv1d else g2.t() @ x2
+            return grad_x, grad_w
 
     def forward(x):
         out = Dequantized.apply(x, module.weight)

@@ -21,6 +21,8 @@ Mixture-of-experts blocks hold two things that are not candidates:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 
 from torch import nn
@@ -123,15 +125,48 @@ def targets_problem(targets: str, names: list[str], chosen: bool, where: str, ex
     return None
 
 
+def plain_forward(module: nn.Module) -> bool:
+    """A linear that computes x·Wᵀ (+ b), which a method may wrap or replace: nn.Linear's own
+    forward, GPT-2's Conv1D, a quantized linear of bitsandbytes or ours, or a subclass whose
+    forward does not reshape its weight (Falcon's `x @ self.weight.T`; DeepSeek-V4's grouped
+    linear, which views its weight per group, is not one)."""
+    cls = type(module)
+    if (cls.__name__ == "Conv1D" or cls.forward is nn.Linear.forward
+            or cls.__module__.split(".")[0] in ("bitsandbytes", "lowrank")):
+        return True
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return True
+    return not re.search(r"self\.weight\s*(?:\.(?:view|reshape|unflatten)\b|\[)", source)
+
+
+@functools.cache
+def weights_used_directly(model_class: type) -> frozenset[str]:
+    """Short names of linears whose weight the family's own code multiplies or reshapes outside
+    their forward (Jamba's `dt_proj.weight @ x`): a method that replaces the layer breaks them."""
+    try:
+        source = inspect.getsource(inspect.getmodule(model_class))
+    except (OSError, TypeError):
+        return frozenset()
+    used = re.findall(r"\.(\w+)\.weight\s*(?:@|\.(?:t|T|view|reshape|transpose|unflatten)\b|\[)", source)
+    return frozenset(used)
+
+
 def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(path, module) of every candidate linear layer in the decoder blocks: routers and
-    one-output gates left out (`is_router`)."""
+    one-output gates left out (`is_router`), and so are linears with a forward of their own and
+    linears whose weight the model's code uses directly (`plain_forward`, `weights_used_directly`):
+    those train as plain parameters."""
     prefix, _ = decoder_layers(model)
     pattern = re.compile(re.escape(prefix) + r"\.\d+\.")
     modules = dict(model.named_modules())
+    direct = weights_used_directly(type(model))
     found = []
     for name, m in modules.items():
-        if is_linear(m) and pattern.match(name) and not is_router(name, m, modules.get(name.rpartition(".")[0])):
+        if not (is_linear(m) and pattern.match(name)) or name.rsplit(".", 1)[-1] in direct or not plain_forward(m):
+            continue
+        if not is_router(name, m, modules.get(name.rpartition(".")[0])):
             found.append((name, m))
     return found
 

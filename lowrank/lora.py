@@ -119,6 +119,16 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, for model code that reads `proj.weight` (HunYuan's attention
+        does; PEFT's LoRA layers allow it too)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged:
