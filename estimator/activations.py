@@ -448,6 +448,9 @@ def traced_backward_steps(spec: ModelSpec, flow: Flow, batch: int, seq: int, fir
     lora = sum(lora_saved(flow, layer, batch * seq, seq).values()) if flow.lora_targets else 0
     total = p.grad_bytes.get(layer.index, 0)
     traced_made = flow.base_trainable  # full-rank: the trace made the same gradients (layers of any kind)
+    if not layer.steps:  # no tensor was born in the layer's backward: its saved tensors, all its gradients
+        alive = sum(traced_layer_saved(flow, layer, batch, seq).values())
+        return [BackwardStep((), (), 0, alive_bytes=alive, made_share=1.0, made_bytes=total if traced_made else None)]
     return [BackwardStep((), (), step.transient(batch, seq), alive_bytes=step.alive(batch, seq) + lora,
                          made_share=step.made / total if total else 1.0,
                          made_bytes=step.made if traced_made else None) for step in layer.steps]
