@@ -210,6 +210,30 @@ def _fake_mode():
     return Mode(allow_non_fake_inputs=True, allow_fallback_kernels=False)
 
 
+def make_fake(model, mode, device, requires_grad: bool | None = None) -> None:
+    """Turn every parameter and buffer of a meta-device `model` into a fake tensor of `mode` on
+    `device`, in place; each tensor once, so tied weights stay tied. requires_grad: for every
+    parameter (None: each keeps its own)."""
+    from torch import nn
+
+    faked: dict[int, object] = {}
+
+    def fake(t, parameter: bool):
+        if id(t) not in faked:
+            f = mode.fake_tensor_converter.from_meta_and_device(mode, t.detach(), device)
+            grad = t.requires_grad if requires_grad is None else requires_grad
+            faked[id(t)] = nn.Parameter(f, requires_grad=grad) if parameter else f
+        return faked[id(t)]
+
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = fake(p, True)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = fake(b, False)
+
+
 @dataclass
 class _Record:
     nbytes: int
@@ -349,21 +373,7 @@ def _build(spec: ModelSpec, key: TraceKey):
     last = reps[signatures[-1]] if len(layers) > 1 else 0
     order = tuple(0 if i == 0 else reps[sig] for i, sig in enumerate(signatures))  # each layer's traced one
     mode = _fake_mode()
-    faked: dict[int, torch.Tensor] = {}
-
-    def fake(t, parameter: bool):
-        if id(t) not in faked:
-            f = mode.fake_tensor_converter.from_meta_and_device(mode, t.detach(), torch.device("cpu"))
-            faked[id(t)] = nn.Parameter(f, requires_grad=key.trainable) if parameter else f
-        return faked[id(t)]
-
-    for module in model.modules():
-        for name, p in module._parameters.items():
-            if p is not None:
-                module._parameters[name] = fake(p, True)
-        for name, b in module._buffers.items():
-            if b is not None:
-                module._buffers[name] = fake(b, False)
+    make_fake(model, mode, torch.device("cpu"), requires_grad=key.trainable)
     if not key.trainable and (key.embeddings_trainable or key.lm_head_trainable):
         embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
         if head is not None and head.weight is embeddings.weight:  # a copy is its module's own: untied

@@ -61,6 +61,7 @@ from estimator.config import MethodConfig, TrainSetup, representative_packed_pos
 from estimator.constants import torch_dtype
 from estimator.distributed import rank_setup
 from estimator.load import built_dtype
+from estimator.profile import make_fake
 from estimator.spec import attention_fallback, load_config, load_spec
 
 from .device import FAKE_CUDA_FALLBACK, resolve_device
@@ -101,21 +102,7 @@ def fake_model(config, setup: TrainSetup, mode: FakeTensorMode, device: torch.de
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     model.to(torch_dtype(dtype or setup.dtype))  # done while Module.to still works (not on fakes)
-    faked: dict[int, torch.Tensor] = {}
-
-    def fake(t: torch.Tensor, parameter: bool) -> torch.Tensor:
-        if id(t) not in faked:
-            f = mode.fake_tensor_converter.from_meta_and_device(mode, t.detach(), device)
-            faked[id(t)] = nn.Parameter(f, requires_grad=t.requires_grad) if parameter else f
-        return faked[id(t)]
-
-    for module in model.modules():
-        for name, p in module._parameters.items():
-            if p is not None:
-                module._parameters[name] = fake(p, True)
-        for name, b in module._buffers.items():
-            if b is not None:
-                module._buffers[name] = fake(b, False)
+    make_fake(model, mode, device)
     return model
 
 
