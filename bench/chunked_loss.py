@@ -85,27 +85,23 @@ def main() -> None:
     print("#### llama3.1-8b (vocabulary 128,256), batch 1 × 2048, bf16: measured on fake tensors\n")
     print("| method | full loss GiB | chunked GiB | saved GiB | saved | chunked: predicted GiB | error |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    failures = 0
-    for label, method in METHODS:
-        _, base, _ = dry_run_pair("llama3.1-8b", method, full)
-        predicted, measured, _ = dry_run_pair("llama3.1-8b", method, chunked)
+
+    def row(label: str, method, full_setup: TrainSetup, chunked_setup: TrainSetup) -> bool:
+        """One line: the full loss's dry-run peak, the chunked one's, the saving, the estimate's error."""
+        _, base, _ = dry_run_pair("llama3.1-8b", method, full_setup)
+        predicted, measured, _ = dry_run_pair("llama3.1-8b", method, chunked_setup)
         check = compare_memory(predicted, measured)
-        failures += not check.ok
         saved = base["peak_bytes"] - measured["peak_bytes"]
         print(f"| {label} | {base['peak_bytes'] / GiB:.2f} | {measured['peak_bytes'] / GiB:.2f} | {saved / GiB:.2f} | "
               f"{100 * saved / base['peak_bytes']:.1f}% | {predicted['peak_bytes'] / GiB:.2f} | "
               f"{100 * check.peak_error:+.2f}% |", flush=True)
+        return check.ok
+
+    failures = sum(not row(label, method, full, chunked) for label, method in METHODS)
     long_full, long_chunked = TrainSetup(batch_size=1, seq_len=8192), TrainSetup(batch_size=1, seq_len=8192,
                                                                                  loss="chunked")
-    for label, method in METHODS[1:3]:  # at 8192 tokens
-        _, base, _ = dry_run_pair("llama3.1-8b", method, long_full)
-        predicted, measured, _ = dry_run_pair("llama3.1-8b", method, long_chunked)
-        check = compare_memory(predicted, measured)
-        failures += not check.ok
-        saved = base["peak_bytes"] - measured["peak_bytes"]
-        print(f"| {label}, 1 × 8192 | {base['peak_bytes'] / GiB:.2f} | {measured['peak_bytes'] / GiB:.2f} | "
-              f"{saved / GiB:.2f} | {100 * saved / base['peak_bytes']:.1f}% | {predicted['peak_bytes'] / GiB:.2f} | "
-              f"{100 * check.peak_error:+.2f}% |", flush=True)
+    failures += sum(not row(f"{label}, 1 × 8192", method, long_full, long_chunked)
+                    for label, method in METHODS[1:3])  # at 8192 tokens
     if args.quick:
         return
 

@@ -29,7 +29,7 @@ from estimator.constants import torch_dtype
 from estimator.distributed import FSDP_STRATEGIES
 from estimator.targets import target_linears
 
-from .memory import MemoryTracker
+from .memory import MemoryTracker, StepMemory
 
 
 def _replace_tensors(model: nn.Module, convert, skip: set[int] = frozenset()) -> None:
@@ -116,11 +116,4 @@ class LoadMemory:
         if self.tracker is not None:
             self.tracker.watch(list(model.parameters()) + list(model.buffers()), "weights")
 
-    def __exit__(self, *exc) -> bool:
-        if self.tracker is not None:
-            self.tracker.__exit__(*exc)
-            self.peak = self.tracker.result().peak_bytes
-        else:
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        return False
+    __exit__ = StepMemory.__exit__  # the tracker's peak, or CUDA's allocator peak
