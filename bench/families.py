@@ -196,9 +196,13 @@ def refusal(folder: str, method: str, batch: int, seq: int, checkpointing: bool)
 def row_for(family: Family, method: str, batch: int, seq: int, checkpointing: bool) -> Row:
     """One setting of one family; a setting both sides refuse is a row with no numbers."""
     setting = f"{batch}×{seq}{' ckpt' if checkpointing else ''}"
-    reason = refusal(family.folder, method, batch, seq, checkpointing)
-    if reason is None:
-        return compare(family.folder, family.model_type, method, batch, seq, checkpointing)
+    try:
+        reason = refusal(family.folder, method, batch, seq, checkpointing)
+        if reason is None:
+            return compare(family.folder, family.model_type, method, batch, seq, checkpointing)
+    except Exception as err:  # noqa: BLE001 - a crash of either side is the row's failure, reported
+        return Row(family.model_type, method, setting, 0, 0, 0.0, ("-", 0.0),
+                   [f"crashed: {type(err).__name__}: {' '.join(str(err).split())[:120]}"], 0.0)
     if reason.startswith(("the estimator refuses", "not one line")):
         return Row(family.model_type, method, setting, 0, 0, 0.0, ("-", 0.0), [reason], 0.0)
     return Row(family.model_type, method, setting, 0, 0, 0.0, ("-", 0.0), [], 0.0, refused=reason)
