@@ -453,6 +453,11 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
     n = spec.num_layers
     out = {}
     all_blocks = 0 if act.checkpointed(spec, flow) else act.blocks_saved(spec, flow, b, s)
+    ids = act.token_ids(flow, b, s)
+    if act.checkpointed(spec, flow):  # kept through backward: each block's input, the shared inputs
+        ckpt, shared = act.checkpointed_layer_saved(spec, flow, b, s), act.checkpointed_shared(spec, flow, b, s)
+    else:
+        shared = act.shared_saved(spec, flow, b, s)
     for where, first in (("top block", False), ("bottom block", True)):
         parts = act.block_saved(spec, flow, b, s, first=first)
         candidates = []
@@ -467,13 +472,10 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
                 newest = max([block_grads.get(k, 0) for k in step.grads_of if k not in had], default=0)
             had = step.grads_of
             if act.checkpointed(spec, flow):
-                ckpt = act.checkpointed_layer_saved(spec, flow, b, s)
-                shared = act.checkpointed_shared(spec, flow, b, s)
-                activations = (n if where == "top block" else 1) * ckpt + shared + act.token_ids(flow, b, s)
+                activations = (n if where == "top block" else 1) * ckpt + shared + ids
                 recomputed = alive
             else:  # at the top, every other block's saved tensors wait
-                activations = alive + (all_blocks - sum(parts.values()) if where == "top block" else 0)
-                activations += act.shared_saved(spec, flow, b, s) + act.token_ids(flow, b, s)
+                activations = alive + (all_blocks - sum(parts.values()) if where == "top block" else 0) + shared + ids
                 recomputed = 0
             if before:  # accumulating: each new gradient is added to the old one as soon as it is made
                 gradients = before  # a tied embedding's lm_head side waits in autograd's buffer
@@ -496,8 +498,7 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
                 candidates.append((gradients + extra_grads, activations, recomputed + extra))
         if traced_hooks:  # beside the block's saved tensors still alive and the other tensors then
             at_grad = act.traced_grad_moments(spec, flow, b, s, first)
-            waiting = act.shared_saved(spec, flow, b, s) + act.token_ids(flow, b, s) + \
-                (all_blocks - sum(parts.values()) if where == "top block" else 0)
+            waiting = shared + ids + (all_blocks - sum(parts.values()) if where == "top block" else 0)
             pending = tied_pending if not before else tied_new
             for short, extra_grads, extra in hooks:
                 alive, others = at_grad.get(short, max(at_grad.values(), key=sum, default=(0, 0)))

@@ -27,9 +27,9 @@ linear-attention family by 39%).
 A profile depends on what the step saves — the trainability of the weights, which linears
 carry LoRA, the dtype, the attention kernel, autocast, padding, checkpointing — so it is cached
 per config, `TraceKey` and sequence length (a new one costs two traced steps, a few tenths of a
-second; a cached one is a few multiplications, any batch size). LoRA's own tensors (the rank-r
-output of lora_A, its input or dropout copy) are added by rule, from each target linear's traced
-input, so the rank and the dropout never need a trace of their own. Tracing runs CPU kernels (fake CUDA needs a
+second; a cached one is a few multiplications, any batch size). LoRA's branch is traced at rank 1
+(with its dropout when it has one); each further rank adds a row of lora_A's output per token, by
+rule, so the rank never needs a trace of its own. Tracing runs CPU kernels (fake CUDA needs a
 CUDA build of PyTorch): on CUDA the profile is that of the same kernels' CPU versions.
 
     profile = traced_profile(spec, key, batch=4, seq_len=256)
@@ -46,6 +46,9 @@ import weakref
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import lru_cache
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .spec import ModelSpec
 
@@ -141,18 +144,13 @@ class TraceKey:
 
 @dataclass(frozen=True)
 class LinearInput:
-    """A target linear's input in a traced layer: its width, whether another op already keeps
-    that storage for backward, which other target reads the same storage, and whether a
-    gradient flows into it (a frozen model's first layer: not)."""
+    """A LoRA target in a traced layer (its branch was traced at rank 1): the layer part it sits
+    in and the rows it sees per sequence of the batch (the sequence length, or more: CPM-Ant
+    prepends prompt tokens), which size lora_A's output for the rank beyond 1."""
 
     part: str
     short: str
-    width: int
-    storage: int  # an id shared by linears that read the same tensor
-    already_saved: bool
-    input_grad: bool
-    itemsize: int  # bytes per element of the input as the linear receives it
-    positions: int = 0  # its rows per sequence of the batch (the sequence length, or more: prompt tokens)
+    positions: int
 
 
 @dataclass(frozen=True)
@@ -197,17 +195,25 @@ class Profile:
 # ---------------------------------------------------------------------------- tracing
 
 
-def _fake_mode():
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
+class FloatReadsNaN(FakeTensorMode):
+    """FakeTensorMode in which reading a float value gives NaN instead of raising.
 
-    class Mode(FakeTensorMode):  # reading a float gives NaN (lowrank/dryrun.py's DryRunMode)
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default and args[0].is_floating_point():
-                return math.nan
-            return super().__torch_dispatch__(func, types, args, kwargs or {})
+    Logging reads values (the loss, grad norms); a traced or dry-run step has none. Reading an
+    integer or a boolean usually decides control flow, so that still raises
+    DataDependentOutputException.
+    """
 
-    return Mode(allow_non_fake_inputs=True, allow_fallback_kernels=False)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_floating_point():
+            return math.nan
+        return super().__torch_dispatch__(func, types, args, kwargs or {})
+
+
+def fake_mode() -> FloatReadsNaN:
+    """The fake-tensor mode of a traced profile and of a dry run: real constants (code tables)
+    become fake on use; an operator without a fake kernel raises rather than running for real on
+    zero-filled tensors."""
+    return FloatReadsNaN(allow_non_fake_inputs=True, allow_fallback_kernels=False)
 
 
 def make_fake(model, mode, device, requires_grad: bool | None = None) -> None:
@@ -372,7 +378,7 @@ def _build(spec: ModelSpec, key: TraceKey):
         counts[rep] = counts.get(rep, 0) + 1
     last = reps[signatures[-1]] if len(layers) > 1 else 0
     order = tuple(0 if i == 0 else reps[sig] for i, sig in enumerate(signatures))  # each layer's traced one
-    mode = _fake_mode()
+    mode = fake_mode()
     make_fake(model, mode, torch.device("cpu"), requires_grad=key.trainable)
     if not key.trainable and (key.embeddings_trainable or key.lm_head_trainable):
         embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -408,7 +414,7 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
     tracer = _Tracer()
     handles = []
     traced = sorted(counts)
-    linear_inputs: dict[str, tuple] = {}  # path -> (its input's record, width, input_grad, itemsize)
+    linear_rows: dict[str, int] = {}  # LoRA target's path -> the rows its input has
     lm_head = model.get_output_embeddings()
 
     layer_ids = {id(layers[i]): i for i in counts}
@@ -439,8 +445,7 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
         def hook(module, args):
             x = args[0]
             if tracer.phase == "forward":
-                linear_inputs[path] = (tracer.register(x), int(x.shape[-1]), bool(x.requires_grad),
-                                       x.element_size(), x.numel() // max(1, int(x.shape[-1])))
+                linear_rows[path] = x.numel() // max(1, int(x.shape[-1]))
         return hook
 
     from .targets import block_linears, linear_shape
@@ -505,7 +510,7 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
                 inputs["position_ids"] = mode.from_tensor(positions)
             tracer.register(ids, "weight")  # the batch: not an activation of the step
             autocast = torch.autocast("cpu", dtype=torch.bfloat16) if key.autocast else contextlib.nullcontext()
-            with _unpacked(positions), _dispatch_mode(tracer), \
+            with fake_packing_answers(positions), _dispatch_mode(tracer), \
                     torch.autograd.graph.saved_tensors_hooks(tracer.pack, lambda t: t):
                 with autocast:
                     loss = model(**inputs).loss
@@ -521,7 +526,7 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
     embedding = model.get_input_embeddings()
     tied = lm_head is not None and embedding is not None and lm_head.weight is embedding.weight
     pending = lm_head.weight.nbytes if tied and lm_head.weight.requires_grad else None
-    return tracer, prefix, counts, last, linear_inputs, lm_head_path, pending
+    return tracer, prefix, counts, last, linear_rows, lm_head_path, pending
 
 
 def _dequantizing_forward(module, int8: bool = False):
@@ -569,25 +574,30 @@ def _dequantizing_forward(module, int8: bool = False):
     return forward
 
 
+def packed_indices(find_packed, position_ids, real) -> torch.Tensor | None:
+    """transformers' `find_packed_sequence_indices` on fake `position_ids`: None (not packed) unless
+    `real`, the real position ids they were built from, hold a document boundary; then the same
+    operators run on the fake ones (their result has no values, only the memory of a real run's)."""
+    if real is None or find_packed(real) is None:
+        return None
+    first = position_ids[:, :1] - 1
+    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+
+
 @contextlib.contextmanager
-def _unpacked(packed=None):
-    """transformers checks position ids for packed sequences (a value read); the batches are plain,
-    or packed from the real position ids `packed` (then the document indices are computed by the
-    same operators on the fake ones, as lowrank/dryrun.py does)."""
+def fake_packing_answers(packed=None):
+    """transformers checks position ids for packed sequences (a value read, which fake tensors
+    cannot answer): fake batches are plain, or packed from the real position ids `packed`
+    (`packed_indices`); real position ids are still checked for real."""
     from unittest import mock
 
-    import torch
     from torch._subclasses.fake_tensor import is_fake
     from transformers import masking_utils
 
     find = masking_utils.find_packed_sequence_indices
 
     def answer(position_ids):
-        if not is_fake(position_ids):
-            return find(position_ids)
-        if packed is None or find(packed) is None:
-            return None
-        return (torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+        return packed_indices(find, position_ids, packed) if is_fake(position_ids) else find(position_ids)
 
     with mock.patch.object(masking_utils, "find_packed_sequence_indices", answer):
         yield
@@ -603,7 +613,7 @@ def _owner(path: str, prefix: str) -> tuple[int | None, str]:
 
 def _measure(spec: ModelSpec, key: TraceKey, batch: int, seq: int) -> dict:
     """Byte counts of one traced step, by owner, and its backward moments, all at (batch, seq)."""
-    tracer, prefix, counts, last, linear_inputs, lm_head_path, pending = _trace_once(spec, key, batch, seq)
+    tracer, prefix, counts, last, linear_rows, lm_head_path, pending = _trace_once(spec, key, batch, seq)
     traced = sorted(counts)
     final = tracer.clock + 1
     saved: dict[tuple, int] = {}  # (layer or None, part) -> bytes
@@ -629,12 +639,7 @@ def _measure(spec: ModelSpec, key: TraceKey, batch: int, seq: int) -> dict:
         owner_of[id(rec)] = owner
         if forward:  # what checkpointing recomputes and saves again in backward is a step's, below
             saved[owner] = saved.get(owner, 0) + rec.nbytes
-    # each LoRA target's input: already kept for backward by another op?
-    lin = {}
-    for path, (rec, width, grad, itemsize, rows) in linear_inputs.items():
-        layer, part = _owner(path, prefix)
-        lin[path] = (layer, part, path.rsplit(".", 1)[-1], width, id(rec), bool(rec.savers), grad, itemsize,
-                     rows // batch)
+    lin = {path: (*_owner(path, prefix), path.rsplit(".", 1)[-1], rows // batch) for path, rows in linear_rows.items()}
 
     # forward: the most alive beyond the saved tensors, at the head (after the last layer)
     events = []
@@ -749,7 +754,9 @@ def _head_part(path: str, lm_head_path: str, spec: ModelSpec) -> str:
 
 
 _SPECS: dict[str, ModelSpec] = {}  # a config's JSON -> its spec (the cache's key is the JSON)
-_KEYS: dict[int, tuple[ModelSpec, str]] = {}  # id(spec) -> (spec, its config's JSON)
+# id(config dict) -> (the dict, its JSON): specs replaced field by field share their config dict,
+# so its JSON is written once per config, not once per spec object
+_KEYS: dict[int, tuple[dict, str]] = {}
 
 
 @lru_cache(maxsize=256)
@@ -827,8 +834,8 @@ def _frontier(steps: list[TracedStep]) -> tuple[TracedStep, ...]:
 def traced_profile(spec: ModelSpec, key: TraceKey, batch: int, seq_len: int) -> Profile:
     """The activation profile of `spec` for `key` at `seq_len`, traced once per config, key,
     length and batch regime (1, or more)."""
-    known = _KEYS.get(id(spec))
-    if known is None or known[0] is not spec:
-        known = _KEYS[id(spec)] = (spec, json.dumps(spec.config, sort_keys=True, default=str))
+    known = _KEYS.get(id(spec.config))
+    if known is None or known[0] is not spec.config:
+        known = _KEYS[id(spec.config)] = (spec.config, json.dumps(spec.config, sort_keys=True, default=str))
         _SPECS.setdefault(known[1], spec)
     return _profile_cached(known[1], key, seq_len, batch == 1)

@@ -47,21 +47,19 @@ breakdown beside the estimator's prediction for the same device.
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import warnings
 from collections.abc import Iterator
-from unittest import mock
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from estimator.config import MethodConfig, TrainSetup, representative_packed_positions
 from estimator.constants import torch_dtype
 from estimator.distributed import rank_setup
 from estimator.load import built_dtype
-from estimator.profile import make_fake
+from estimator.profile import fake_mode, fake_packing_answers, make_fake
 from estimator.spec import attention_fallback, load_config, load_spec
 
 from .device import FAKE_CUDA_FALLBACK, resolve_device
@@ -73,19 +71,6 @@ from .step import measure_steady_step
 
 LR = 1e-3  # any learning rate: no update is computed
 _LOCK = threading.Lock()
-
-
-class DryRunMode(FakeTensorMode):
-    """FakeTensorMode in which reading a float value gives NaN instead of raising.
-
-    Logging reads values (the loss, grad norms); a dry run has none. Reading an integer or a
-    boolean usually decides control flow, so that still raises DataDependentOutputException.
-    """
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_floating_point():
-            return math.nan
-        return super().__torch_dispatch__(func, types, args, kwargs or {})
 
 
 def fake_model(config, setup: TrainSetup, mode: FakeTensorMode, device: torch.device,
@@ -126,16 +111,6 @@ def micro_batches(vocab_size: int, setup: TrainSetup, device: torch.device) -> l
     return out
 
 
-def packed_indices(find_packed, position_ids: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor | None:
-    """transformers' `find_packed_sequence_indices` on fake `position_ids`: None (not packed) unless
-    `real`, the real position ids they were built from, hold a document boundary; then the same
-    operators run on the fake ones (their result has no values, only the memory of a real run's)."""
-    if real is None or find_packed(real) is None:
-        return None
-    first = position_ids[:, :1] - 1
-    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
-
-
 @contextlib.contextmanager
 def _real_run_answers(packed: torch.Tensor | None = None) -> Iterator[None]:
     """Answer the value reads a real run makes outside the traced tensors (module docstring).
@@ -145,19 +120,11 @@ def _real_run_answers(packed: torch.Tensor | None = None) -> Iterator[None]:
     `packed`: the real position ids the fake batches' were built from (packed runs).
     """
     from bitsandbytes import functional as bnb_functional
-    from transformers import masking_utils
 
     with _LOCK:
         if "dynamic" not in bnb_functional.name2qmap:
             bnb_functional.name2qmap["dynamic"] = bnb_functional.create_dynamic_map()
-        find_packed = masking_utils.find_packed_sequence_indices
-
-        def unpacked_if_fake(position_ids: torch.Tensor) -> torch.Tensor | None:
-            if is_fake(position_ids):
-                return packed_indices(find_packed, position_ids, packed)
-            return find_packed(position_ids)
-
-        with mock.patch.object(masking_utils, "find_packed_sequence_indices", unpacked_if_fake):
+        with fake_packing_answers(packed):
             yield
 
 
@@ -181,9 +148,7 @@ def dry_run(model: str, method: MethodConfig, setup: TrainSetup, device: str = "
         warnings.warn(FAKE_CUDA_FALLBACK, stacklevel=2)
     config = load_config(model, trust_remote_code)
     built = built_dtype(load_spec(model, trust_remote_code))
-    # real constants (code tables) become fake on use; an operator without a fake kernel raises
-    # rather than running for real on zero-filled tensors
-    mode = DryRunMode(allow_non_fake_inputs=True, allow_fallback_kernels=False)
+    mode = fake_mode()
     net = fake_model(config, setup, mode, torch.device("cpu"), dtype=built)  # on the host, as built
     positions = packed_position_ids(rank_setup(setup)) if setup.packed else None
     with _real_run_answers(positions), fake_process_group(setup.gpus, rank), mode:

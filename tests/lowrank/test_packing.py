@@ -12,8 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from estimator.config import LoRAConfig, TrainSetup
+from estimator.profile import packed_indices
 from lowrank.data import IGNORE_INDEX, load_data, packed_rows
-from lowrank.dryrun import dry_run, packed_indices
+from lowrank.dryrun import dry_run
 from tests.helpers import tiny_config
 
 SEQ = 32
