@@ -130,7 +130,12 @@ def plain_forward(module: nn.Module) -> bool:
     forward, GPT-2's Conv1D, a quantized linear of bitsandbytes or ours, or a subclass whose
     forward does not reshape its weight (Falcon's `x @ self.weight.T`; DeepSeek-V4's grouped
     linear, which views its weight per group, is not one)."""
-    cls = type(module)
+    return _plain_class(type(module))
+
+
+@functools.cache
+def _plain_class(cls: type) -> bool:
+    """plain_forward for a class (its source is read once)."""
     if (cls.__name__ == "Conv1D" or cls.forward is nn.Linear.forward
             or cls.__module__.split(".")[0] in ("bitsandbytes", "lowrank")):
         return True
