@@ -149,13 +149,18 @@ def _plain_class(cls: type) -> bool:
 @functools.cache
 def weights_used_directly(model_class: type) -> frozenset[str]:
     """Short names of linears whose weight the family's own code multiplies outside their forward
-    (Jamba's `dt_proj.weight @ x`): a method that replaces the layer would break them."""
+    (Jamba's `dt_proj.weight @ x`) or whose weight's dtype it casts the input to (HunYuan-V4's
+    indexer, `x.to(self.weights_proj.weight.dtype)`): a method that replaces the layer, or stores
+    its weight as 4- or 8-bit codes, would break them."""
     try:
         source = inspect.getsource(inspect.getmodule(model_class))
     except (OSError, TypeError):
         return frozenset()
     used = re.findall(r"\.(\w+)\.weight\s*@", source)  # (Bloom's slices under pretraining_tp > 1 are not)
-    return frozenset(used)
+    # an input cast to the weight's dtype; Falcon's flash-attention path (`target_dtype =
+    # self.query_key_value.weight.dtype`, a float dtype for the attention kernel) is not one
+    cast = re.findall(r"\.to\((?:dtype\s*=\s*)?[\w.]*?\.(\w+)\.weight\.dtype\)", source)
+    return frozenset(used + cast)
 
 
 def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -170,3 +170,20 @@ def test_sizes_within_the_bounds_still_load(tmp_path):
     path.write_text(json.dumps({"model_type": "llama", **TINY["llama"], "vocab_size": 1 << 22,
                                 "max_position_embeddings": 1 << 24}))
     assert load_spec(str(path)).vocab_size == 1 << 22
+
+
+@pytest.mark.parametrize("module, cls, used, not_used", [
+    ("jamba", "JambaForCausalLM", "dt_proj", "x_proj"),  # dt_proj.weight @ x
+    ("hy_v4", "HYV4ForCausalLM", "weights_proj", "wq_b"),  # x.to(self.weights_proj.weight.dtype)
+    ("falcon", "FalconForCausalLM", None, "query_key_value"),  # a float dtype for flash attention only
+])
+def test_linears_the_family_code_uses_directly(module, cls, used, not_used):
+    """Linears whose weight the model's code multiplies, or whose dtype it casts its input to, stay
+    plain parameters: a 4-bit or INT8 layer in their place would break the model."""
+    import importlib
+
+    from estimator.targets import weights_used_directly
+
+    found = weights_used_directly(getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), cls))
+    assert used is None or used in found
+    assert not_used not in found
