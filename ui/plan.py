@@ -14,8 +14,16 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from estimator.config import METHODS, MethodConfig, TrainSetup, check_json_numbers, method_config, shown
-from estimator.estimate import estimate_spec
+from estimator.config import (
+    METHODS,
+    LoRAConfig,
+    MethodConfig,
+    TrainSetup,
+    check_json_numbers,
+    method_config,
+    shown,
+)
+from estimator.estimate import Estimate, estimate_spec
 from estimator.gpus import find_gpu, fit_table, gpu_catalog, gpus_needed, max_batch_size, per_gpu_bytes
 from estimator.loss import DEFAULT_CHUNK_TOKENS
 from estimator.spec import MAX_CONFIG_BYTES, ModelSpec, load_spec, preset_table
@@ -27,6 +35,7 @@ SOURCES = ("preset", "hub id or local path", "uploaded config.json")
 SWEEPS = ("batch size", "sequence length", "rank", "GPUs", "loss chunk tokens")
 FULL_LOSS = " · full loss"  # the key suffix of a method's full-loss line in the loss-chunk sweep
 PACKED, PADDED = " · packed", " · padded"  # packed or padded batches: the other drawn beside
+ADAPTERS_ONLY = " · adapters only"  # LoRA/QLoRA with modules_to_save: the same method without them, beside
 NO_GPU = "none"
 DEVICES = ("cuda", "cpu")
 SUMMARY_COLUMNS = ("method", "trainable", "peak", "phase", "load", "with overhead", "fits", "smallest GPU")
@@ -111,42 +120,58 @@ def with_value(axis: str, method: MethodConfig, setup: TrainSetup, x: int) -> tu
     return method, setup  # full training has no rank: a flat line
 
 
+def needed_bytes(spec: ModelSpec, cfg: MethodConfig, setup: TrainSetup) -> int | None:
+    """Memory a GPU needs (peak + overhead); None where the setting is invalid (e.g. a rank above a
+    layer's dimension, a family that cannot pack)."""
+    try:
+        return estimate_spec(spec, cfg, setup).total_bytes
+    except ValueError:
+        return None
+
+
+def adapters_only(cfg: MethodConfig) -> MethodConfig | None:
+    """LoRA/QLoRA training modules in full (modules_to_save): the same method without them; else None."""
+    if isinstance(cfg, LoRAConfig) and cfg.modules_to_save:
+        return replace(cfg, modules_to_save="")
+    return None
+
+
 def sweep(spec: ModelSpec, configs: list[MethodConfig], setup: TrainSetup, axis: str) -> tuple[list, dict]:
     """Memory needed on a GPU (peak + overhead) at each point; None where the setting is invalid.
-    Sweeping the loss's chunk, each method's full loss is a flat line beside it (key "<method> · full loss")."""
+
+    Beside each method's line, what its lever costs: sweeping the loss's chunk, its full loss (a flat
+    line, key "<method> · full loss"); with packed or padded batches, the other kind ("· padded",
+    "· packed"); LoRA/QLoRA with modules_to_save, the adapters alone ("· adapters only")."""
     xs = sweep_points(axis, spec)
     series = {}
     for cfg in configs:
-        ys = []
-        for x in xs:
-            try:
-                ys.append(estimate_spec(spec, *with_value(axis, cfg, setup, x)).total_bytes)
-            except ValueError:  # e.g. a rank above a layer's dimension
-                ys.append(None)
-        series[cfg.method] = ys
+        series[cfg.method] = [needed_bytes(spec, *with_value(axis, cfg, setup, x)) for x in xs]
         if axis == "loss chunk tokens":
-            try:
-                full = estimate_spec(spec, cfg, replace(setup, loss="full")).total_bytes
-            except ValueError:
-                full = None
-            series[cfg.method + FULL_LOSS] = [full] * len(xs)
+            series[cfg.method + FULL_LOSS] = [needed_bytes(spec, cfg, replace(setup, loss="full"))] * len(xs)
         if setup.packed or setup.padded:  # what-if: the same sweep with the other kind of batch
             other = replace(setup, packed=not setup.packed, padded=setup.packed)
-            ys = []
-            for x in xs:
-                try:
-                    ys.append(estimate_spec(spec, *with_value(axis, cfg, other, x)).total_bytes)
-                except ValueError:  # e.g. a family that cannot pack
-                    ys.append(None)
-            series[cfg.method + (PACKED if other.packed else PADDED)] = ys
+            series[cfg.method + (PACKED if other.packed else PADDED)] = [
+                needed_bytes(spec, *with_value(axis, cfg, other, x)) for x in xs]
+        if bare := adapters_only(cfg):  # what-if: the embeddings / lm_head left frozen
+            series[cfg.method + ADAPTERS_ONLY] = [needed_bytes(spec, *with_value(axis, bare, setup, x)) for x in xs]
     return xs, series
 
 
 def sweep_labels() -> dict[str, str]:
-    """The legend's name of each sweep line: the method, and its full-loss line in the loss-chunk sweep."""
-    return {**METHOD_LABELS, **{m + FULL_LOSS: f"{label}, full loss" for m, label in METHOD_LABELS.items()},
-            **{m + PACKED: f"{label}, packed" for m, label in METHOD_LABELS.items()},
-            **{m + PADDED: f"{label}, padded" for m, label in METHOD_LABELS.items()}}
+    """The legend's name of each sweep line: the method, and the lines drawn beside it (sweep)."""
+    beside = {FULL_LOSS: "full loss", PACKED: "packed", PADDED: "padded", ADAPTERS_ONLY: "adapters only"}
+    return {**METHOD_LABELS, **{m + key: f"{label}, {name}" for key, name in beside.items()
+                                for m, label in METHOD_LABELS.items()}}
+
+
+def saved_modules_note(spec: ModelSpec, cfg: MethodConfig, setup: TrainSetup, est: Estimate) -> str | None:
+    """What training modules_to_save in full costs at this point: the estimate beside the adapters alone."""
+    bare = adapters_only(cfg)
+    without = needed_bytes(spec, bare, setup) if bare else None
+    if without is None:
+        return None
+    return (f"training {cfg.modules_to_save} in full adds {fmt_bytes(est.total_bytes - without)} "
+            f"({fmt_bytes(without)} with adapters only → {fmt_bytes(est.total_bytes)}, peak + overhead)")
 
 
 def fmt_count(n: int) -> str:
@@ -209,6 +234,8 @@ def plan_memory(model: str, configs: list[MethodConfig], setup: TrainSetup, axis
     xs, series = sweep(spec, ok, setup, axis)
     notes = [describe_model(spec)]
     notes += [f"- {METHOD_LABELS[m]}: {n}" for m, est in estimates.items() for n in est.notes]
+    notes += [f"- {METHOD_LABELS[cfg.method]}: {n}" for cfg in ok
+              if (n := saved_modules_note(spec, cfg, setup, estimates[cfg.method]))]
     notes += [f"- **{METHOD_LABELS[m]} not estimated**: {e}" for m, e in errors.items()]
     return {"breakdown": breakdown_figure({m: e.to_dict() for m, e in estimates.items()}, gpu, METHOD_LABELS),
             "summary": summary_table(estimates), "gpus": gpu_table(spec, ok, setup),

@@ -8,10 +8,11 @@ from dataclasses import fields
 import gradio as gr
 import pytest
 
-from estimator.config import METHODS, GaLoreConfig, LoRAConfig, QGaLoreConfig, TrainSetup
+from estimator.config import METHODS, FullConfig, GaLoreConfig, LoRAConfig, QGaLoreConfig, TrainSetup
 from estimator.estimate import estimate
 from estimator.gpus import find_gpu, fit_table, max_batch_size
 from estimator.spec import load_spec
+from ui.charts import fmt_bytes
 from ui.plan import (
     SOURCES,
     SUMMARY_COLUMNS,
@@ -102,6 +103,44 @@ def test_the_sweep_over_the_loss_chunk_draws_each_methods_full_loss_beside_it():
     chunked, full = lines["LoRA"], lines["LoRA, full loss"]
     assert list(chunked.x[:3]) == [16, 32, 64] and len(set(full.y)) == 1
     assert list(chunked.y) == sorted(chunked.y) and chunked.y[-1] < full.y[0]  # 128k vocabulary: always below
+
+
+def test_packed_batches_draw_the_padded_ones_beside_them():
+    *_, sweep, _ = plan(methods=("lora",), preset="tiny-llama-20m", packed=True)
+    lines = {t.name: t for t in sweep.data}
+    packed, padded = lines["LoRA"], lines["LoRA, padded"]
+    *_, plain, _ = plan(methods=("lora",), preset="tiny-llama-20m", padded=True)
+    assert list(padded.y) == list({t.name: t for t in plain.data}["LoRA"].y)  # the same sweep, other batches
+    assert list(packed.y) != list(padded.y)
+    *_, plain, _ = plan(methods=("lora",), preset="tiny-llama-20m")
+    assert [t.name for t in plain.data if t.name.startswith("LoRA")] == ["LoRA"]  # plain rows: nothing beside
+
+
+@pytest.mark.parametrize("method, saved", [("lora", "embed_tokens,lm_head"), ("qlora", "lm_head")])
+@pytest.mark.parametrize("axis", ["batch size", "loss chunk tokens"])
+def test_modules_to_save_draws_the_adapters_alone_beside_the_method(method, saved, axis):
+    """What training the embeddings / lm_head costs across the sweep: the method's line beside the
+    same method without modules_to_save (its own plain sweep), above it at every point."""
+    label = METHOD_LABELS[method]
+    *_, sweep, notes = plan(methods=("full", method), sweep=axis, **{f"{method}__modules_to_save": saved})
+    lines = {t.name: t for t in sweep.data}
+    *_, plain, plain_notes = plan(methods=("full", method), sweep=axis)
+    assert list(lines[f"{label}, adapters only"].y) == list({t.name: t for t in plain.data}[label].y)
+    assert all(a > b for a, b in zip(lines[label].y, lines[f"{label}, adapters only"].y))
+    assert "Full training, adapters only" not in lines  # full training has no modules_to_save
+    assert f"{label}, adapters only" not in {t.name for t in plain.data}
+    assert "in full adds" in notes and "in full adds" not in plain_notes
+
+
+def test_the_notes_say_what_modules_to_save_adds_at_this_point():
+    saved, plain = LoRAConfig(modules_to_save="embed_tokens,lm_head"), LoRAConfig()
+    setup = TrainSetup(batch_size=4, seq_len=512)
+    with_copies, adapters = (estimate("llama-7b", cfg, setup).total_bytes for cfg in (saved, plain))
+    notes = plan_memory("llama-7b", [FullConfig(), saved], setup)["notes"]
+    assert (f"- LoRA: training embed_tokens,lm_head in full adds {fmt_bytes(with_copies - adapters)} "
+            f"({fmt_bytes(adapters)} with adapters only → {fmt_bytes(with_copies)}") in notes
+    assert with_copies - adapters > 2 * 2 * 32000 * 4096 * 2  # two bf16 copies, their gradients and more
+    assert notes.count("in full adds") == 1
 
 
 def test_a_method_that_cannot_be_estimated_warns_and_the_others_still_show():
