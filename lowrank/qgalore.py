@@ -84,7 +84,9 @@ class _Int8LinearFunction(torch.autograd.Function):
             grad_w = g_out.T @ x.reshape(-1, layer.in_features)  # (out, in) in the compute dtype
             layer.weight_grad = grad_w if layer.weight_grad is None else layer.weight_grad.add_(grad_w)
             del grad_w  # a hook that drops layer.weight_grad frees the gradient at once
-            layer._run_weight_grad_hooks()
+            layer._uses = max(0, layer._uses - 1)
+            if layer._uses == 0:  # the layer's last use this backward (a looped model runs it twice)
+                layer._run_weight_grad_hooks()
         return grad_x, grad_bias, None, None
 
 
@@ -109,6 +111,7 @@ class Int8Linear(nn.Module):
         self.weight_requires_grad = True
         self.from_conv1d = False  # quantized from GPT-2's Conv1D: dequantizes back into one
         self._weight_grad_hooks: OrderedDict[int, Callable[[Int8Linear], None]] = OrderedDict()
+        self._uses = 0  # forward calls whose backward has not run yet (see `forward`)
 
     @classmethod
     @torch.no_grad()
@@ -131,6 +134,13 @@ class Int8Linear(nn.Module):
         return dequantize(self.weight_codes, self.weight_scales, self.weight_offsets, self.group_size, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        """A model that runs this layer more than once per forward (a looped, recurrent-depth family
+        such as Dory) gets one weight gradient per backward, summed over the uses: the hooks run
+        after the last use's backward, never on a part (a layer-wise update in between would change
+        the weight the earlier use's backward still multiplies by). Checkpointing's recomputation,
+        which runs inside backward, is not a use."""
+        if torch.is_grad_enabled() and self.weight_requires_grad and torch._C._current_graph_task_id() == -1:
+            self._uses += 1
         anchor = None
         if torch.is_grad_enabled() and self.weight_requires_grad and not x.requires_grad and (
                 self.bias is None or not self.bias.requires_grad):
@@ -439,6 +449,7 @@ class QGaLoreAdamW(GaLoreAdamW):
         super().zero_grad(set_to_none)
         for layer in self._layers.values():
             layer.weight_grad = None
+            layer._uses = 0  # a forward that never got its backward (dropped graph) counts no longer
 
     def gradient_tensors(self) -> list[Tensor]:
         grads = [layer.weight_grad for layer in self._layers.values() if layer.weight_grad is not None]

@@ -103,6 +103,38 @@ def test_hook_may_update_the_weight_in_backward():
     assert layer.weight_grad is None and not torch.equal(layer.weight_codes, before)
 
 
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_a_layer_used_twice_gets_its_hooks_once_with_both_uses(checkpointed):
+    """A looped model (Dory) runs a layer twice per forward: the hooks run once, after the last
+    use's backward, with the sum of both uses' gradients; a layer-wise update there leaves the
+    input gradients exact (the earlier use's backward has already multiplied by the old weight)."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer = Int8Linear.from_linear(nn.Linear(64, 64), group_size=64)
+    x = torch.randn(4, 64, requires_grad=True)
+    w = layer.dequantize_weight().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    F.linear(torch.tanh(F.linear(x_ref, w, layer.bias)), w, layer.bias).sum().backward()
+
+    def twice(inp):
+        return layer(torch.tanh(layer(inp)))
+
+    seen = []
+
+    def step(lay: Int8Linear) -> None:
+        seen.append(lay.weight_grad.clone())
+        lay.weight_grad = None
+        lay.apply_update(torch.full((64, 64), 0.5))
+
+    layer.register_weight_grad_hook(step)
+    out = checkpoint(twice, x, use_reentrant=False) if checkpointed else twice(x)
+    out.sum().backward()
+    assert len(seen) == 1 and torch.allclose(seen[0], w.grad, atol=1e-4)
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-4)
+    layer(x).sum().backward()  # the next step: one use, one hook call
+    assert len(seen) == 2
+
+
 def test_weight_grad_without_any_input_grad():
     layer = int8_layer(bias=False)
     layer(torch.randn(4, 96)).sum().backward()  # x needs no grad, no bias: the weight still gets one
