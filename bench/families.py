@@ -84,6 +84,10 @@ def small_config(model_type: str):
     if isinstance(getattr(default, "layer_types", None), list):  # two layers: one of each of the first two kinds
         kinds = list(dict.fromkeys(default.layer_types))[:2]
         overrides["layer_types"] = (kinds * 2)[:2]
+    if hasattr(default, "n_recurrent_layers"):  # a looped model (Dory): one input, one looped, one output layer
+        overrides.update(num_hidden_layers=3, n_input_layers=1, n_recurrent_layers=1, n_output_layers=1)
+        if "layer_types" in overrides:
+            overrides["layer_types"] = (overrides["layer_types"] * 2)[:3]
     config = None
     for _ in range(len(overrides) + 1):  # drop the overrides a family refuses, one at a time
         try:
