@@ -83,13 +83,10 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def selects(short: str, group: str | None, targets: str) -> bool:
-    """Does a linear named `short` in block part `group` (attention/mlp) match `targets`?"""
-    wanted = parse_targets(targets)
-    if wanted == ("all-linear",):
-        return True
-    if wanted in (("attention",), ("mlp",)):
-        return group == wanted[0]
-    return short in wanted
+    """Does a linear named `short` in block part `group` (attention/mlp) match `targets`? A list may
+    mix shorthands and names ("all-linear,lm_head", "attention,gate_proj"): any of them selects."""
+    return any(w == "all-linear" or w == short or (w in ("attention", "mlp") and w == group)
+               for w in parse_targets(targets))
 
 
 def matches(path: str, targets: str) -> bool:

@@ -142,3 +142,26 @@ def test_scaling_follows_the_paper():
 def test_targets_parse():
     assert parse_targets("attention") == ("attention",)
     assert parse_targets(" q_proj, v_proj ") == ("q_proj", "v_proj")
+
+
+def test_a_target_list_may_mix_shorthands_and_names():
+    """"all-linear,lm_head" is every block linear plus lm_head, not lm_head alone; the trainer's LoRA
+    wraps what the estimator counts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from estimator.estimate import estimate
+    from estimator.spec import load_config
+    from estimator.targets import selects
+    from lowrank.lora import apply_lora
+
+    assert selects("q_proj", "attention", "all-linear,lm_head") and selects("down_proj", "mlp", "attention,mlp")
+    assert selects("gate_proj", "mlp", "attention,gate_proj") and not selects("up_proj", "mlp", "attention,gate_proj")
+    setup = TrainSetup(batch_size=1, seq_len=16)
+    mixed, listed = (LoRAConfig(rank=4, targets=t) for t in
+                     ("all-linear,lm_head", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"))
+    assert estimate("tiny-llama-5m", mixed, setup).params_trainable == estimate("tiny-llama-5m", listed, setup).params_trainable
+    with torch.device("meta"):
+        model = apply_lora(AutoModelForCausalLM.from_config(load_config("tiny-llama-5m")), mixed)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == estimate("tiny-llama-5m", mixed, setup).params_trainable
