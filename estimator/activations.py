@@ -56,6 +56,15 @@ class Flow:
         return spec.tie_word_embeddings and self.embeddings_trainable and not self.copies
 
     @property
+    def blocks_train(self) -> bool:
+        """Does a gradient flow through the decoder blocks? Not when only lm_head (LoRA on it, or a
+        modules_to_save copy) trains: then the blocks run as in inference and save nothing. (Under
+        checkpointing they still do: measured, the checkpointed blocks keep their inputs and the
+        final norm saves as in training.)"""
+        return (self.base_trainable or self.norms_trainable or self.embeddings_trainable or bool(self.lora_targets)
+                or self.checkpointing)
+
+    @property
     def head_keeps_input(self) -> bool:
         """Does lm_head save its input for backward (a trainable weight, or LoRA's A)?"""
         return self.lm_head_trainable or self.lm_head_lora
@@ -479,15 +488,16 @@ BLOCKS = {
 def block_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int, first: bool = False) -> dict[str, int]:
     """Saved bytes of one decoder block by part (the first block differs under LoRA; a traced
     family's other blocks are its last block's kind)."""
-    if traced(spec):
+    if traced(spec):  # (a trace of frozen blocks saves nothing by itself)
         return traced_block_saved(spec, flow, batch, seq, first)
-    return BLOCKS[spec.family][0](spec, flow, batch, seq, first)
+    saved = BLOCKS[spec.family][0](spec, flow, batch, seq, first)
+    return saved if flow.blocks_train else dict.fromkeys(saved, 0)
 
 
 def block_backward_steps(spec: ModelSpec, flow: Flow, batch: int, seq: int, first: bool = False) -> list[BackwardStep]:
     if traced(spec):
         return traced_backward_steps(spec, flow, batch, seq, first)
-    return BLOCKS[spec.family][1](spec, flow, batch, seq)
+    return BLOCKS[spec.family][1](spec, flow, batch, seq) if flow.blocks_train else []
 
 
 def traced_grad_moments(spec: ModelSpec, flow: Flow, batch: int, seq: int, first: bool) -> dict[str, tuple[int, int]]:
@@ -554,7 +564,7 @@ def rotary_tables(spec: ModelSpec, flow: Flow, seq: int, batch: int = 1) -> int:
     """RoPE's cos and sin for the positions of a batch, (1, s, head_dim) each — (b, s, head_dim)
     when packed rows bring their own position ids — shared by all blocks (computed in the residual
     dtype); Llama-family and GPT-NeoX blocks keep them."""
-    if spec.family == "gpt2":
+    if spec.family == "gpt2" or not flow.blocks_train:
         return 0
     return 2 * (batch if flow.packed else 1) * seq * spec.head_dim * flow.residual_d
 
@@ -597,7 +607,9 @@ def head_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> dict[str, i
         if flow.loss_chunk:  # the chunked loss is ours, not the family's: its own terms replace the traced loss
             return {"final norm": head["final norm"], **chunked.head_saved(spec, flow, tokens)}
         return head
-    if spec.family in ("gpt2", "gpt_neox"):
+    if not flow.blocks_train:  # a frozen final norm over hidden states that need no gradient
+        final_norm = 0
+    elif spec.family in ("gpt2", "gpt_neox"):
         final_norm = layernorm_saved(spec, flow, tokens)
     else:
         final_norm = rmsnorm_saved(spec, flow, tokens, True)

@@ -528,7 +528,8 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
                 new = spec.vocab_size * spec.hidden_size * d if flow.lm_head_trainable else head_grads  # LoRA's
                 logits_grad = b * s * spec.vocab_size * flow.d
                 candidates.append((before, alive, new + logits_grad) if before else (new, alive, logits_grad))
-        out[f"backward: {where}"] = max(candidates, key=sum)
+        if candidates:  # none when no gradient flows through the blocks (only lm_head trains)
+            out[f"backward: {where}"] = max(candidates, key=sum)
     return out
 
 
