@@ -481,7 +481,7 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
                 gradients = before  # a tied embedding's lm_head side waits in autograd's buffer
                 recomputed += tied_new
                 if not layerwise:  # the newest gradient of the step, just before it is added
-                    candidates.append((gradients, activations, recomputed + newest))
+                    candidates.append((gradients, activations, recomputed + newest + step.transient + dequant))
             elif layerwise:  # each gradient is consumed by its hook as soon as it is made
                 gradients = 0
                 recomputed += tied_pending  # not a .grad yet: autograd's buffer holds it
