@@ -2,7 +2,8 @@
 
 Prints a readable breakdown by default, the estimate's JSON object with --json
 (`Estimate.to_dict`: model, method, params, peak_bytes, phase, moment, breakdown, overhead_bytes,
-moments, activation_terms, options, notes, load). A GPU must hold the larger of the step's peak
+moments, activation_terms, options, notes, load; with --cpu-offload, host: the host memory of
+each GPU's process, apart from the GPU's peak). A GPU must hold the larger of the step's peak
 and the load's (building and preparing the model, estimator/load.py), plus the overhead. Bad
 input exits with status 2 and one line naming the value and the fix.
 """
@@ -56,6 +57,10 @@ def render(est: Estimate) -> str:
         lines.append(f"  {cat:<12} {gib(value):>14}  {100 * value / max(est.peak_bytes, 1):5.1f}%  {bar}")
     larger = " (the larger: what a GPU must hold)" if est.load_bytes > est.peak_bytes else ""
     lines.append(f"load (build, cast, move, prepare): {gib(est.load_bytes)} at {est.load_moment}{larger}")
+    if est.host_bytes is not None:
+        parts = ", ".join(f"{cat} {gib(value)}" for cat, value in est.host_breakdown.items() if value)
+        lines.append(f"host memory (CPU offload, outside the GPU's peak): {gib(est.host_bytes)} per GPU, in its "
+                     f"process ({parts})")
     if est.overhead_bytes:
         lines.append(f"overhead (CUDA context, allocator slack): {gib(est.overhead_bytes)} → "
                      f"needs {gib(est.total_bytes)} on a GPU")

@@ -208,6 +208,9 @@ class TrainSetup:
         computes batch_size / gpus rows of it, so it must divide. Training takes it from torchrun.
     shard: what the ranks split (lowrank/distributed.py): none (DDP), optimizer (ZeRO-1),
         gradients (FSDP2, ZeRO-2) or full (FSDP2, ZeRO-3).
+    cpu_offload: FSDP2's CPUOffloadPolicy (shard gradients or full only): each rank's sharded
+        parameters, gradients and optimizer states live in host memory, the optimizer steps there;
+        the GPU holds the gathered blocks, activations and the gradients before their reduce-scatter.
     loss: "full" (transformers' cross-entropy over every token's logits) or "chunked" (lowrank/loss.py:
         `loss_chunk_tokens` tokens at a time, each chunk's logits recomputed in backward).
     """
@@ -223,6 +226,7 @@ class TrainSetup:
     packed: bool = False
     gpus: int = 1
     shard: str = "none"
+    cpu_offload: bool = False
     loss: str = "full"
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 
@@ -244,6 +248,11 @@ class TrainSetup:
                "packed=True replaces padding (rows are full, no attention mask), and padded=True: give one of them")
         _positive_int(problems, "gpus", self.gpus, MAX_GPUS)
         _choice(problems, "shard", self.shard, SHARD_STRATEGIES)
+        _flag(problems, "cpu_offload", self.cpu_offload)
+        _check(problems, self.cpu_offload is not True or self.shard not in ("none", "optimizer"),
+               f"cpu_offload=True moves FSDP2's shards to host memory, and shard={shown(self.shard)} has none "
+               f"({'ZeRO-1' if self.shard == 'optimizer' else 'DDP'}): give shard='gradients' or 'full' (FSDP2), "
+               "or drop cpu_offload=True")
         _choice(problems, "loss", self.loss, LOSSES)
         _positive_int(problems, "loss_chunk_tokens", self.loss_chunk_tokens, MAX_CHUNK_TOKENS)
         if not problems and self.batch_size % self.gpus:

@@ -29,6 +29,12 @@ while the previous buffer is still held — the peak of MoE blocks, whose weight
 activations. GaLore and Q-GaLore reduce their own gradients in place (no buckets) and under
 ZeRO-1 own whole matrices (a fused expert weight whole, with its E matrices' projections and
 moments).
+CPU offload (`--cpu-offload`, FSDP2's CPUOffloadPolicy) moves the sharded parameters, gradients
+and optimizer states to host memory (`host_memory`, reported apart from the GPU's peak) and the
+optimizer step with them; the GPU keeps the buffers, the gathered blocks and the prefetch
+buffer, a block's gradients until their reduce-scatter and its input, the root's gradients until
+the end of backward, and the activations. On CUDA each prefetch in backward first copies the
+block's shards to the GPU (1/N of a block beside the gather buffers); a CPU mesh copies nothing.
 Checked against `--dry-run --gpus N --shard S` (rank 0 on fake tensors, fake process group):
 tests/estimator/test_distributed.py and bench/distributed_accuracy.py.
 """
@@ -68,7 +74,7 @@ def refusal(method: MethodConfig, shard: str) -> str | None:
 
 def rank_setup(setup: TrainSetup) -> TrainSetup:
     """What one rank computes, as a one-GPU setup: batch_size / gpus rows of each micro-batch."""
-    return replace(setup, batch_size=setup.batch_size // setup.gpus, gpus=1, shard="none")
+    return replace(setup, batch_size=setup.batch_size // setup.gpus, gpus=1, shard="none", cpu_offload=False)
 
 
 def rank_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
@@ -309,7 +315,7 @@ def fsdp_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
                  device: str) -> tuple[dict, dict, dict]:
     """The candidate peak moments of one rank's step under FSDP2 (gradients or full), each a
     breakdown by category, its activation terms and the named distributed terms (bytes)."""
-    world, reshard = setup.gpus, setup.shard == "full"
+    world, reshard, offload = setup.gpus, setup.shard == "full", setup.cpu_offload
     per_rank = rank_setup(setup)
     flow = _flow(spec, method, per_rank, device)
     b, s, n = per_rank.batch_size, per_rank.seq_len, spec.num_layers
@@ -317,11 +323,10 @@ def fsdp_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
     lora = isinstance(method, LoRAConfig)
     sh = shards(spec, method, world)
     a = mem.adapter_dtype_bytes(method, setup) if lora else d
-    sharded = {"weights": sh.frozen_local * d + (0 if lora else sh.trainable_local * d)
-               + spec.float_buffer_numel * d + spec.other_buffer_bytes,
-               "adapters": sh.trainable_local * a if lora else 0}
-    sizes = Counter(sh.trainable_tensors_local)  # each shard's states, alike for alike sizes
-    states = sum(count * mem.optimizer_state_bytes([t], None, a, method.optimizer) for t, count in sizes.items())
+    host = host_memory(spec, method, setup)  # the shards: in host memory under CPU offload
+    buffers = spec.float_buffer_numel * d + spec.other_buffer_bytes  # not FSDP's: on the GPU either way
+    sharded = {"weights": buffers + (0 if offload else host["weights"]), "adapters": 0 if offload else host["adapters"]}
+    states = 0 if offload else host["optimizer"]
     block_w = sh.block_gathered * d  # a gathered block (LoRA factors beside the base: both in d here)
     copy_out = sh.block_copy_out * d  # its experts sharded on their rows, gathered into a temporary first
     root_w = sh.root_gathered * d
@@ -329,8 +334,9 @@ def fsdp_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
     block_grad_shard = block_rs // world
     head_grads = 0 if lora else (spec.lm_head_params or spec.vocab_size * spec.hidden_size) * d + \
         (spec.norm_params - mem.block_norm_params(spec) * n) * d
-    terms = {"sharded parameters": sh.frozen_local * d + sh.trainable_local * a,
-             "sharded gradients": sh.trainable_local * a, "sharded optimizer states": states,
+    where = " (host memory: CPU offload)" if offload else ""
+    terms = {"sharded parameters" + where: host["weights"] + host["adapters"],
+             "sharded gradients" + where: host["gradients"], "sharded optimizer states" + where: host["optimizer"],
              "gathered root (embeddings, final norm, lm_head)": root_w, "gathered block": block_w,
              "prefetched block (all-gather buffer)": block_w if reshard else 0,
              "reduce-scatter input (previous block)": block_rs}
@@ -338,7 +344,10 @@ def fsdp_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
 
     # accumulating, each micro-batch's reduce-scatter adds into the gradient shards, which exist
     # from the first micro-batch on (skipping the reduce-scatter would keep whole gradients instead)
-    accumulated = sh.trainable_local * a if setup.grad_accum > 1 else 0
+    accumulating = setup.grad_accum > 1
+    accumulated = host["gradients"] if accumulating and not offload else 0
+    # the gradient shards reduce-scattered so far (offloaded: copied to the host, each as it is made)
+    shard_grads = 0 if offload else block_grad_shard
 
     def moment(weights: int, gradients: int, activations: int, transient: int) -> dict[str, int]:
         return {"weights": sharded["weights"] + weights, "adapters": sharded["adapters"],
@@ -401,7 +410,7 @@ def fsdp_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
         gathered = root_w + (block_w if reshard else (below + 1) * block_w)
         prefetch = block_w if reshard and below > 0 else 0
         pending = block_rs if above > 0 else 0
-        done = head_grads + (0 if accumulated else above * block_grad_shard)
+        done = head_grads + (0 if accumulating else above * shard_grads)
         if reshard:
             # its backward begins with its gather's copy-out: the block's gathered parameters fill
             # from the flat all-gather output (prefetched during the block above's backward) while
@@ -419,6 +428,14 @@ def fsdp_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
             if "backward: a block's gather" not in moments or sum(candidate.values()) > \
                     sum(moments["backward: a block's gather"].values()):
                 moments["backward: a block's gather"] = candidate
+            if offload and device == "cuda" and below > 0:
+                # then the prefetch of the block below: its gather's output filled from host-to-device
+                # copies of its shards (FSDPParam.all_gather_inputs: `.to(device)` of each; on a CPU
+                # mesh the copy is the shard itself), this block's gather output freed by now
+                candidate = moment(gathered, done, activations, block_w + block_w // world + pending + hidden)
+                key = "backward: a block's prefetch (host-to-device copies)"
+                if key not in moments or sum(candidate.values()) > sum(moments[key].values()):
+                    moments[key] = candidate
         for step in act.block_backward_steps(spec, flow, b, s, first=below == 0):
             made = act.step_made(step, block_grads)
             if act.checkpointed(spec, flow):
@@ -435,10 +452,29 @@ def fsdp_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup,
             if key not in moments or sum(candidate.values()) > sum(moments[key].values()):
                 moments[key] = candidate
     root_grads = 0 if lora else sh.root_trainable_gathered * d
-    moments["backward: end"] = moment(root_w, (0 if accumulated else n * block_grad_shard) + root_grads, 0, block_rs)
-    # the step: fused AdamW (or SGD) updates each shard in place
-    moments["optimizer"] = moment(0, 0 if accumulated else sh.trainable_local * a, 0, 0)
+    moments["backward: end"] = moment(root_w, (0 if accumulating else n * shard_grads) + root_grads, 0, block_rs)
+    # the step: fused AdamW (or SGD) updates each shard in place (offloaded: on the CPU, the GPU idle)
+    moments["optimizer"] = moment(0, 0 if accumulating or offload else host["gradients"], 0, 0)
     return moments, saved, terms
+
+
+def host_memory(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -> dict[str, int]:
+    """One rank's FSDP2 shards by category (bytes): its padded 1/N of every parameter (LoRA: the
+    frozen base as weights, the factors as adapters), of every trainable parameter's gradient, and
+    the optimizer states of those shards. On the GPU without CPU offload; with it
+    (CPUOffloadPolicy) in host memory, where they all exist at once from the last reduce-scatter
+    through the optimizer step (torch/distributed/fsdp/_fully_shard/_fsdp_param.py keeps
+    `_sharded_param_data` on the CPU, _fsdp_collectives.py `foreach_reduce` copies each gradient
+    shard there, and the optimizer steps where its parameters are)."""
+    d = DTYPE_BYTES[setup.dtype]
+    lora = isinstance(method, LoRAConfig)
+    a = mem.adapter_dtype_bytes(method, setup) if lora else d
+    sh = shards(spec, method, setup.gpus)
+    sizes = Counter(sh.trainable_tensors_local)  # each shard's states, alike for alike sizes
+    states = sum(count * mem.optimizer_state_bytes([t], None, a, method.optimizer) for t, count in sizes.items())
+    return {"weights": sh.frozen_local * d + (0 if lora else sh.trainable_local * d),
+            "adapters": sh.trainable_local * a if lora else 0, "gradients": sh.trainable_local * a,
+            "optimizer": states, "activations": 0, "transient": 0}
 
 
 def _flow(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, device: str) -> act.Flow:

@@ -59,6 +59,8 @@ class Estimate:
     load_moment: str = ""
     load_breakdown: dict[str, int] = field(default_factory=dict)
     params_active: int | None = None  # mixture of experts: the parameters one token computes with
+    host_bytes: int | None = None  # CPU offload: the host memory one rank's shards take (None: no offload)
+    host_breakdown: dict[str, int] = field(default_factory=dict)
 
     @property
     def needs_peak_bytes(self) -> int:
@@ -88,6 +90,7 @@ class Estimate:
         gpus = o.get("gpus", 1)
         per_gpu = (f" · per GPU of {gpus} (batch {o['batch_size'] // gpus} each), "
                    f"shard {o.get('shard', 'none')}" if gpus > 1 else "")
+        per_gpu += ", CPU offload" if o.get("cpu_offload") else ""
         return (f"{self.model} · {method} · batch {o['batch_size']} × {o['seq_len']} tokens{accum} · "
                 f"{precision}{ckpt} · {o['attn_implementation']}{per_gpu}")
 
@@ -107,6 +110,8 @@ class Estimate:
             "moments": {k: dict(v) for k, v in self.moments.items()},
             "activation_terms": dict(self.activation_terms),
             **({"distributed_terms": dict(self.distributed_terms)} if self.distributed_terms else {}),
+            **({"host": {"peak_bytes": self.host_bytes, "breakdown": dict(self.host_breakdown)}}
+               if self.host_bytes is not None else {}),
             "options": dict(self.options),
             "notes": list(self.notes),
             "load": {"peak_bytes": self.load_bytes, "moment": self.load_moment,
@@ -121,6 +126,8 @@ def setup_options(setup: TrainSetup) -> dict:
         del options["loss"], options["loss_chunk_tokens"]
     if not setup.packed:
         del options["packed"]
+    if not setup.cpu_offload:
+        del options["cpu_offload"]
     return options
 
 
@@ -577,6 +584,10 @@ def estimate_spec(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, devi
     breakdown = {c: moments[name][c] for c in CATEGORIES}
     peak = sum(breakdown.values())
     load = load_moment(spec, method, given, device)
+    host = distributed.host_memory(spec, method, setup) if setup.cpu_offload else None
+    if host is not None:
+        notes.append(f"CPU offload: each GPU's process also holds {sum(host.values()) / GiB:,.2f} GiB of host memory "
+                     f"(its shards of parameters, gradients and optimizer states); GPU fits and counts leave it out")
     overhead = CUDA_CONTEXT + int(ALLOCATOR_SLACK * max(peak, load.peak_bytes)) if device == "cuda" else 0
     # field by field (the duplicates tool sees the shape of ModelSpec's construction in spec.py)
     return Estimate(
@@ -598,6 +609,8 @@ def estimate_spec(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, devi
         load_moment=load.moment,
         load_breakdown=load.breakdown,
         params_active=spec.params_active if spec.experts else None,
+        host_bytes=None if host is None else sum(host.values()),
+        host_breakdown=host or {},
     )
 
 

@@ -111,7 +111,8 @@ def per_gpu_bytes(spec: ModelSpec, method: MethodConfig, setup: TrainSetup):
 
     def need(n: int) -> int:
         if n not in known:
-            at = replace(setup, gpus=n, batch_size=micro * n, shard=setup.shard if n > 1 else "none")
+            at = replace(setup, gpus=n, batch_size=micro * n, shard=setup.shard if n > 1 else "none",
+                         cpu_offload=setup.cpu_offload and n > 1)
             known[n] = estimate_spec(spec, method, at).total_bytes
         return known[n]
 

@@ -290,24 +290,31 @@ def load_moment(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, device
 def _fsdp(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, order: list[tuple[str, int, int]]) -> Load:
     """FSDP (gradients, full): the model stays on the host, cast; fully_shard moves each block to
     the GPU whole, keeps this rank's shard and frees the rest, then the root (embeddings, final
-    norm, lm_head, buffers). LoRA's factors were added on the host: they travel with their block."""
+    norm, lm_head, buffers). LoRA's factors were added on the host: they travel with their block.
+    CPU offload: each parameter's shard is cut on the GPU and copied to the host at once
+    (FSDPParam._init_sharded_param), so the GPU keeps no shards: a block (or the root) beside its
+    largest tensor's shard, then the buffers alone."""
     from .memory import lora_params
 
     t, n = DTYPE_BYTES[setup.dtype], setup.gpus
     adapters = lora_params(spec, method) * t if isinstance(method, LoRAConfig) else 0
-    blocks = [0] * spec.num_layers
+    blocks, largest = [0] * spec.num_layers, [0] * (spec.num_layers + 1)  # the root's last
     root = spec.other_buffer_bytes
     for _, numel, block in order:
         if block >= 0:
             blocks[block] += numel * t
         else:
             root += numel * t
+        largest[block] = max(largest[block], numel * t)
     scan, shards = _Scan(), 0
-    for block in blocks:
+    for block, big in zip(blocks, largest):
         block += adapters // max(spec.num_layers, 1)
+        if setup.cpu_offload:
+            scan.add("fully_shard: a block", weights=block, cast=ceil(big / n))
+            continue
         scan.add("fully_shard: a block", weights=shards + block, cast=ceil(block / n))
         shards += ceil(block / n)
-    scan.add("fully_shard: the root", weights=shards + root, cast=ceil(root / n))
+    scan.add("fully_shard: the root", weights=shards + root, cast=ceil((largest[-1] if setup.cpu_offload else root) / n))
     return scan.peak()
 
 

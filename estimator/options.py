@@ -95,6 +95,9 @@ SETUP_OPTIONS = (
            "torchrun's world size)"),
     Option("--shard", "shard", str, "what the GPUs split: none (DDP), optimizer (ZeRO-1), gradients (FSDP2 "
            "ZeRO-2), full (FSDP2 ZeRO-3)", ALL, SHARD_STRATEGIES),
+    Option("--cpu-offload", "cpu_offload", bool, "with --shard gradients or full: FSDP2's CPUOffloadPolicy keeps "
+           "each GPU's shards of the parameters, gradients and optimizer states in host memory (the optimizer "
+           "steps on the CPU); the estimate reports that host memory beside the GPU peak"),
     Option("--loss", "loss", str, "full: transformers' cross-entropy over all logits at once; chunked: "
            "--loss-chunk-tokens tokens at a time, each chunk's logits recomputed in backward (no b·s·V logits)",
            ALL, LOSSES),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 
 import pytest
 
@@ -44,6 +45,26 @@ def test_the_per_gpu_estimate_is_the_largest_rank_of_the_dry_run(name, shard, ex
     setup = TrainSetup(batch_size=4, seq_len=64, gpus=2, shard=shard, **extra)
     predicted = estimate(MODEL, METHODS[name], setup, device="cpu").peak_bytes
     assert predicted == pytest.approx(largest_rank(METHODS[name], setup), rel=0.01)
+
+
+def test_cpu_offload_moves_the_shards_to_the_host_and_the_gpu_keeps_what_it_computes_with():
+    spec, method = load_spec("llama-7b"), FullConfig()
+    setup = TrainSetup(batch_size=8, seq_len=512, gpus=8, shard="full")
+    on_gpu = estimate_spec(spec, method, setup)
+    offloaded = estimate_spec(spec, method, replace(setup, cpu_offload=True))
+    terms = on_gpu.distributed_terms
+    shards = terms["sharded parameters"] + terms["sharded gradients"] + terms["sharded optimizer states"]
+    assert offloaded.host_bytes == shards and offloaded.to_dict()["host"]["peak_bytes"] == shards
+    assert offloaded.breakdown["optimizer"] == 0 and offloaded.moments["optimizer"]["gradients"] == 0
+    assert offloaded.breakdown["activations"] == on_gpu.breakdown["activations"]  # computed alike
+    assert offloaded.peak_bytes < on_gpu.peak_bytes - terms["sharded optimizer states"]
+    # on CUDA each prefetched gather starts from host-to-device copies of the block's shards
+    prefetch = offloaded.moments["backward: a block's prefetch (host-to-device copies)"]
+    gather = offloaded.moments["backward: a block's gather"]
+    assert sum(prefetch.values()) - sum(gather.values()) == terms["gathered block"] // 8
+    assert "prefetch" not in " ".join(estimate_spec(spec, method, replace(setup, cpu_offload=True),
+                                                    device="cpu").moments)  # a CPU mesh copies nothing
+    assert offloaded.load_bytes < on_gpu.load_bytes  # fully_shard keeps no shard on the GPU
 
 
 def test_sharding_divides_what_it_shards_and_ddp_adds_its_buckets():
@@ -96,6 +117,9 @@ def test_the_cli_answers_per_gpu_with_the_gpus_each_needs(capsys):
     (["--method", "galore", "--batch-size", "2", "--gpus", "2", "--shard", "full"], "use --shard optimizer"),
     (["--method", "lora", "--batch-size", "3", "--gpus", "2"], "not divisible by --gpus 2"),
     (["--method", "lora", "--shard", "full"], "give --gpus 2 or more"),
+    (["--method", "full", "--batch-size", "2", "--gpus", "2", "--shard", "optimizer", "--cpu-offload"],
+     "and --shard 'optimizer' has none (ZeRO-1): give --shard 'gradients' or 'full'"),
+    (["--method", "lora", "--cpu-offload"], "and --shard 'none' has none (DDP)"),
 ])
 def test_a_strategy_that_cannot_work_is_one_line_and_status_2(args, words):
     done = subprocess.run([sys.executable, "-m", "estimator", "llama-7b", *args], capture_output=True, text=True)
