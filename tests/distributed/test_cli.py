@@ -94,6 +94,29 @@ def test_the_adapter_of_two_ranks_is_the_peft_adapter_one_process_trains(resumed
     assert torch.isfinite(model(input_ids=torch.randint(0, 4096, (1, 8))).logits).all()
 
 
+def test_two_nodes_through_torchruns_rendezvous_train_as_one_process(tmp_path, one_process):
+    """Multi-node with torchrun's own flags: two launches on this machine, one rank each (--nnodes 2,
+    --node-rank 0/1, the master's address and port), form one job whose losses are one process's."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    out = tmp_path / "nodes"
+    args = [*RUN, "--method", "lora", "--steps", "4", "--out", str(out)]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
+                               "-m", "lowrank.train", *args], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and len(summary["measured_ranks"]) == 2
+    reference = [line["loss"] for line in metrics(one_process)][:4]
+    assert [line["loss"] for line in metrics(out)] == pytest.approx(reference, rel=1e-4)
+
+
 def test_a_rank_that_fails_ends_the_run_failed_with_its_message(tmp_path):
     out = tmp_path / "failing"
     done = train(str(REPO / "tests" / "distributed" / "failing_rank.py"), *RUN, "--method", "galore",
