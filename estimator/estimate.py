@@ -205,6 +205,9 @@ def check_against_model(spec: ModelSpec, method: MethodConfig, setup: TrainSetup
         notes.append(f"{spec.model_type}: activations traced from transformers' own forward on CPU kernels "
                      f"(no named formulas for this family)")
     notes += _expert_notes(spec, method)
+    if spec.unreached_params:
+        notes.append(f"{spec.unreached_params / 1e6:,.1f} M parameters ({', '.join(spec.unreached_modules[:3])}) get no "
+                     "gradient in a text-only step: held as weights, with no gradient and no optimizer state")
     return notes
 
 

@@ -157,6 +157,8 @@ def _block_order(spec: ModelSpec) -> list[tuple[str, int, int]]:
         out.append(("other", rest, -1))
     if spec.lm_head_params:
         out.append(("other", spec.lm_head_params, -1))
+    if spec.unreached_params:  # a multimodal model's towers
+        out.append(("other", spec.unreached_params, -1))
     if spec.float_buffer_numel:
         out.append(("other", spec.float_buffer_numel, -1))
     return out

@@ -401,6 +401,33 @@ def _build(spec: ModelSpec, key: TraceKey):
     return model, mode, prefix, layers, counts, (last, order), template, lora
 
 
+def unreached_parameters(spec: ModelSpec) -> dict[str, int]:
+    """Parameters outside the decoder blocks that no gradient reaches in a text-only step (a
+    multimodal causal LM's vision and audio towers): name -> numel. They are held, but AdamW keeps
+    no state for them and they never get a .grad. Found by walking the autograd graph of one
+    traced forward (batch 1, 8 tokens) back from the loss."""
+    import torch
+
+    model, mode, prefix, _layers, _counts, _last, _template, _lora = _build(spec, TraceKey(dtype="bf16", trainable=True, attn="eager"))
+    params = {id(p): (name, p.numel()) for name, p in model.named_parameters()
+              if not name.startswith(prefix + ".")}
+    reached: set[int] = set()
+    with mode, fake_packing_answers():
+        ids = torch.randint(0, spec.vocab_size, (1, 8))
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        seen, todo = set(), [loss.grad_fn]
+        while todo:
+            fn = todo.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            variable = getattr(fn, "variable", None)  # an AccumulateGrad node: its parameter
+            if variable is not None:
+                reached.add(id(variable))
+            todo += [nxt for nxt, _ in fn.next_functions]
+    return {name: numel for pid, (name, numel) in params.items() if pid not in reached}
+
+
 def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
     """One traced step at (batch, seq): the tracer, plus the layer/part of every module path."""
     import torch

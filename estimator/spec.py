@@ -113,6 +113,10 @@ class ModelSpec:
     # the other parameters outside the experts, (numel, how many tensors): optimizers keep state
     # per tensor (MoE routers, one-output gates, learned scalars)
     other_tensors: tuple[tuple[int, int], ...] = ()
+    # parameters no gradient reaches in a text-only step (a multimodal model's vision and audio
+    # towers): held as weights, never a gradient or an optimizer state; in no group above
+    unreached_params: int = 0
+    unreached_modules: tuple[str, ...] = ()
 
     @property
     def linear_params(self) -> int:
@@ -121,7 +125,7 @@ class ModelSpec:
     @property
     def params_total(self) -> int:
         return (self.linear_params + self.embedding_params + self.lm_head_params
-                + self.norm_params + self.other_params)
+                + self.norm_params + self.other_params + self.unreached_params)
 
     @property
     def expert_params(self) -> int:
@@ -596,13 +600,48 @@ def spec_from_config(config, name: str) -> ModelSpec:
         raise ValueError(f"model={name!r}: transformers cannot build a causal LM from this config "
                          f"({err.__class__.__name__}: {one_line(err, 200)}); check its values") from None
     try:
-        return _spec_from_model(model, config, name)
+        spec = _spec_from_model(model, config, name)
+        unreached = _unreached(spec, model)
+        return _spec_from_model(model, config, name, unreached) if unreached else spec
     except config_errors() as err:  # an architecture unlike any the activation model knows
         raise ValueError(f"model={name!r}: cannot read the shapes of this {config.model_type} model "
                          f"({err.__class__.__name__}: {one_line(err, 200)}); check its config") from None
 
 
-def _spec_from_model(model, config, name: str) -> ModelSpec:
+def _unreached(spec: ModelSpec, model) -> dict[str, int]:
+    """Parameters outside the decoder blocks that a text-only step gives no gradient (a multimodal
+    model's towers), when those outside the blocks, the embeddings, lm_head and norms are 1% of
+    the model or more (a trace costs a few tenths of a second); none for a named family."""
+    from .profile import unreached_parameters
+    from .targets import decoder_layers
+
+    if spec.exact_family:
+        return {}
+    prefix, _ = decoder_layers(model)
+    text = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+            for p in m.parameters()}
+    outside = sum(p.numel() for n, p in model.named_parameters()
+                  if not n.startswith(prefix + ".") and id(p) not in text and "norm" not in n.rsplit(".", 2)[-2].lower())
+    if outside < 0.01 * spec.params_total:
+        return {}
+    try:
+        return unreached_parameters(spec)
+    except Exception:  # noqa: BLE001 - a forward the trace cannot run: count every parameter as trained
+        return {}
+
+
+def _owners(params: dict[str, int], depth: int = 3) -> tuple[str, ...]:
+    """The modules (`depth` names deep) that hold these parameters, the largest first."""
+    sizes: dict[str, int] = {}
+    for pname, numel in params.items():
+        owner = ".".join(pname.split(".")[:depth])
+        sizes[owner] = sizes.get(owner, 0) + numel
+    return tuple(sorted(sizes, key=lambda o: -sizes[o]))
+
+
+def _spec_from_model(model, config, name: str, unreached: dict[str, int] | None = None) -> ModelSpec:
+    """The spec of a meta-device model; `unreached`: parameters no gradient reaches (name -> numel),
+    held as weights but in no trainable group."""
     import torch
 
     from .targets import block_linears, decoder_layers, expert_parameters, linear_group, linear_shape
@@ -633,7 +672,7 @@ def _spec_from_model(model, config, name: str) -> ModelSpec:
             lm_head_module = path
     for pname, param in model.named_parameters():  # tied weights appear once
         module_path = pname.rsplit(".", 1)[0]
-        if module_path in linear_modules:
+        if module_path in linear_modules or pname in (unreached or {}):
             continue
         if module_path in embedding_modules:
             embedding_params += param.numel()
@@ -691,6 +730,8 @@ def _spec_from_model(model, config, name: str) -> ModelSpec:
         experts_per_token=int(_attr(config, "num_experts_per_tok", "moe_topk", default=0) or 0)
         if experts else 0,
         other_tensors=tuple(sorted(other_sizes.items(), reverse=True)),
+        unreached_params=sum((unreached or {}).values()),
+        unreached_modules=_owners(unreached or {}),
     )
 
 

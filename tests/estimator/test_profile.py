@@ -98,3 +98,24 @@ def test_a_profile_is_traced_once_per_config_key_and_length(qwen3):
 def test_poly_fits_two_batches_or_one():
     assert Poly.fit({(2, 40): 1000, (3, 40): 1400})(5) == 2200
     assert Poly.fit({(1, 40): 777})(1) == 777
+
+
+def test_towers_a_text_step_never_reaches_get_no_gradient_or_state(tmp_path):
+    """Phi-4-multimodal's vision and audio towers (99% of a small config) get no gradient in a
+    text-only step: held as weights, with no gradient and no AdamW state (was +283%)."""
+    from bench.families import quiet, small_config
+    from lowrank.dryrun import dry_run
+
+    with quiet():
+        small_config("phi4_multimodal").save_pretrained(tmp_path)
+        spec = load_spec(str(tmp_path))
+        setup = TrainSetup(batch_size=2, seq_len=48, dtype="bf16")
+        predicted = estimate_spec(spec, FullConfig(), setup, device="cpu")
+        measured = dry_run(str(tmp_path), FullConfig(), setup, device="cpu").to_dict()
+    assert spec.unreached_params > 0.9 * spec.params_total
+    assert spec.unreached_modules[0].startswith("model.embed_tokens_extend.")
+    assert predicted.peak_bytes == pytest.approx(measured["peak_bytes"], rel=0.01)
+    assert predicted.breakdown["gradients"] == measured["breakdown"]["gradients"]
+    assert predicted.breakdown["optimizer"] == pytest.approx(measured["breakdown"]["optimizer"], rel=1e-3)
+    assert any("no gradient in a text-only step" in note for note in predicted.notes)
+    assert load_spec("tiny-llama-5m").unreached_params == 0
