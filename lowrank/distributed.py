@@ -7,6 +7,13 @@
                 from forward to backward, gradients reduce-scattered
     full        ZeRO-3: fully_shard, parameters resharded after each block's forward
 
+With `offload` (`--cpu-offload`, FSDP only) fully_shard gets torch's CPUOffloadPolicy: the
+sharded parameters, gradients and optimizer states live in host memory (pinned on CUDA), each
+gather starts from a host-to-device copy of the shards, each reduce-scattered gradient shard is
+copied to the host, and the optimizer steps on the CPU. The process group then carries CPU
+tensors too (Gloo beside NCCL: clipping reduces the norms of host gradients). On a CPU mesh
+(Gloo, the tests) host and device are one memory: the policy runs, the copies are no-ops.
+
 Under FSDP a block's every parameter is sharded with it: a mixture of experts' fused (E, m, n)
 weight splits its experts (dim 0, padded to the world size), or its rows when there are fewer
 experts than ranks (padding alone on some ranks otherwise; `expert_shard_dim`).
@@ -55,13 +62,15 @@ class Parallel:
     device: torch.device
     group: object = None  # the process group (None: the default one)
     fake: bool = False  # a dry run: rank 0 of a fake process group, on fake tensors
+    offload: bool = False  # FSDP's shards in host memory (CPUOffloadPolicy)
     _mesh: object = field(default=None, repr=False)
 
     @classmethod
-    def from_env(cls, strategy: str, device: torch.device | None = None) -> Parallel | None:
+    def from_env(cls, strategy: str, device: torch.device | None = None, offload: bool = False) -> Parallel | None:
         """The job torchrun started this process in (None: a single process).
 
-        Gloo on CPU, NCCL on CUDA; each rank takes the GPU of its LOCAL_RANK.
+        Gloo on CPU, NCCL on CUDA (and Gloo for host tensors when offloading); each rank takes the
+        GPU of its LOCAL_RANK.
         """
         if strategy not in SHARD_STRATEGIES:
             raise ValueError(f"shard={strategy!r} is not one of {', '.join(SHARD_STRATEGIES)}")
@@ -75,8 +84,9 @@ class Parallel:
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
-        return cls(strategy, dist.get_world_size(), dist.get_rank(), device)
+            backend = "gloo" if device.type != "cuda" else "cpu:gloo,cuda:nccl" if offload else "nccl"
+            dist.init_process_group(backend, timeout=TIMEOUT)
+        return cls(strategy, dist.get_world_size(), dist.get_rank(), device, offload=offload)
 
     @property
     def is_main(self) -> bool:
@@ -149,6 +159,8 @@ class Parallel:
         """The module the step runs forward through: DDP (none, optimizer), or the model itself
         after fully_shard (gradients, full). GaLore and Q-GaLore reduce their own gradients."""
         problem = refusal(method, self.strategy)
+        if self.offload and self.strategy not in FSDP_STRATEGIES:
+            problem = f"cpu_offload=True offloads FSDP2's shards, and shard={self.strategy!r} has none; use gradients or full"
         if problem:
             raise ValueError(problem)
         if method.method in ("galore", "qgalore"):
@@ -166,13 +178,17 @@ class Parallel:
                                        process_group=self.group)
 
     def _fully_shard(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
         from torch.distributed.tensor import Shard
 
         from estimator.targets import decoder_layers
 
         reshard = self.strategy == "full"
         _, blocks = decoder_layers(model)
+        # pinned host memory needs an accelerator (and lets the copies overlap compute there); a dry
+        # run's fake shards stay unpinned (the same bytes)
+        pin = self.device.type == "cuda" and not self.fake
+        offload = CPUOffloadPolicy(pin_memory=pin) if self.offload else OffloadPolicy()
 
         def placement(param: nn.Parameter) -> Shard | None:
             """A mixture of experts' fused (E, m, n) weight on fewer experts than ranks: its rows (dim 1),
@@ -183,10 +199,11 @@ class Parallel:
             return None
 
         for block in blocks:
-            fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard, shard_placement_fn=placement)
+            fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard, shard_placement_fn=placement,
+                        offload_policy=offload)
         # the root (embeddings, final norm, head) under `full`: torch's default keeps it gathered
         # from forward into backward, which needs it first (resharding would gather it again at once)
-        fully_shard(model, mesh=self.mesh, reshard_after_forward=None if reshard else False)
+        fully_shard(model, mesh=self.mesh, reshard_after_forward=None if reshard else False, offload_policy=offload)
         return model
 
     @contextlib.contextmanager

@@ -152,7 +152,8 @@ def dry_run(model: str, method: MethodConfig, setup: TrainSetup, device: str = "
     net = fake_model(config, setup, mode, torch.device("cpu"), dtype=built)  # on the host, as built
     positions = packed_position_ids(rank_setup(setup)) if setup.packed else None
     with _real_run_answers(positions), fake_process_group(setup.gpus, rank), mode:
-        parallel = Parallel(setup.shard, setup.gpus, rank, fake_device, fake=True) if setup.gpus > 1 else None
+        parallel = Parallel(setup.shard, setup.gpus, rank, fake_device, fake=True,
+                            offload=setup.cpu_offload) if setup.gpus > 1 else None
         with LoadMemory(fake_device, tracker=True) as load:
             load.watch(net)
             # moved whole before FSDP wraps it (a real run lets fully_shard move it block by block)

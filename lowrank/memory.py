@@ -22,6 +22,13 @@ frees and refills its gathered parameters by resizing their storage (`UntypedSto
 followed here), and those gathered weights count as `weights`, their gradients before the
 reduce-scatter as `gradients`.
 
+CPU offload (FSDP2's CPUOffloadPolicy) puts a second place beside the device: the host. The
+peak and its breakdown are the device's; `host_peak_bytes` and `host_breakdown` count what is on
+the host. A storage is on the host when it is on the CPU while the step computes on an
+accelerator, or — on a CPU mesh, where both are one memory — when it is what the policy
+offloads: the sharded parameters (`_sharded_param_data`), their gradients (from the moment the
+reduce-scatter hands them over) and the optimizer states.
+
     tracker = MemoryTracker()
     tracker.watch_model(model); tracker.watch(prepared.state_tensors(), "optimizer")
     with tracker:
@@ -59,12 +66,16 @@ class Measured:
     overhead_bytes: int = 0
     phase_peaks: dict[str, int] = field(default_factory=dict)
     load_peak_bytes: int | None = None  # a dry run's load (lowrank/dryrun.py), measured the same way
+    host_peak_bytes: int | None = None  # CPU offload: the host memory's peak (None: nothing offloaded)
+    host_breakdown: dict[str, int] = field(default_factory=dict)  # at that peak, by category
 
     def to_dict(self) -> dict:
         out = {"peak_bytes": self.peak_bytes, "phase": self.phase, "breakdown": dict(self.breakdown),
                "overhead_bytes": self.overhead_bytes, "phase_peaks": dict(self.phase_peaks)}
         if self.load_peak_bytes is not None:
             out["load_peak_bytes"] = self.load_peak_bytes
+        if self.host_peak_bytes is not None:  # the shape of the estimate's "host"
+            out["host"] = {"peak_bytes": self.host_peak_bytes, "breakdown": dict(self.host_breakdown)}
         return out
 
 
@@ -76,6 +87,7 @@ class _Storage:
     died: int | None = None
     category: str | None = None  # set by tags; None means decided at the end
     saved: bool = False
+    host_since: int | None = None  # CPU offload: the clock from which it counts as host memory
 
 
 def _storage_bytes(st: torch.UntypedStorage, device: torch.device) -> int:
@@ -120,6 +132,10 @@ class MemoryTracker(TorchDispatchMode):
         self._saved_hooks = None
         self._forward_ends: list[int] = []  # the clock at the end of each micro-batch's forward
         self._sticky: dict[int, str] = {}  # storages that keep their category when resized back to life
+        self._offloading = False  # FSDP's shards live on the host (CPUOffloadPolicy)
+        self._host_type: str | None = None  # offloading from an accelerator: storages on the CPU are host's
+        self._offloaded: set[int] = set()  # ids of the offloaded sharded parameters (their grads go to the host)
+        self._host = self._host_peak = self._host_peak_clock = 0
 
     # ----------------------------------------------------------------- registration
     def _register(self, tensor: torch.Tensor, category: str | None) -> _Storage | None:
@@ -145,9 +161,39 @@ class MemoryTracker(TorchDispatchMode):
         if self._keep_records:
             self._records.append(record)
         self._refs[key] = weakref.ref(st, lambda _ref, key=key: self._on_free(key))
-        self._current += record.nbytes
-        self._note_peak()
+        self._add(record, tensor.device)
         return record
+
+    def _add(self, record: _Storage, device: torch.device) -> None:
+        """Count a newborn storage on the device, or on the host (offloading, a CPU storage beside an accelerator)."""
+        if device.type == self._host_type:
+            record.host_since = record.born
+            self._host += record.nbytes
+            self._note_host_peak()
+        else:
+            self._current += record.nbytes
+            self._note_peak()
+
+    def _subtract(self, record: _Storage) -> None:
+        if record.host_since is not None:
+            self._host -= record.nbytes
+        else:
+            self._current -= record.nbytes
+
+    def _to_host(self, tensor: torch.Tensor) -> None:
+        """From now on, count `tensor`'s storage as host memory (what CPU offload keeps there)."""
+        record = self._storages.get(id(_local(tensor).untyped_storage()))
+        if record is None or record.host_since is not None:
+            return
+        self._clock += 1
+        record.host_since = self._clock
+        self._current -= record.nbytes
+        self._host += record.nbytes
+        self._note_host_peak()
+
+    def _note_host_peak(self) -> None:
+        if self._host > self._host_peak:
+            self._host_peak, self._host_peak_clock = self._host, self._clock
 
     def _on_resize(self, storage: torch.UntypedStorage) -> None:
         """A storage changed size in place: the old bytes die, the new ones are born (FSDP2)."""
@@ -156,7 +202,7 @@ class MemoryTracker(TorchDispatchMode):
         if old is not None:
             self._clock += 1
             old.died = self._clock
-            self._current -= old.nbytes
+            self._subtract(old)
         if storage.nbytes() == 0:
             return
         self._clock += 1
@@ -167,8 +213,7 @@ class MemoryTracker(TorchDispatchMode):
             self._records.append(record)
         if key not in self._refs:
             self._refs[key] = weakref.ref(storage, lambda _ref, key=key: self._on_free(key))
-        self._current += record.nbytes
-        self._note_peak()
+        self._add(record, storage.device)
 
     def _on_free(self, key: int) -> None:
         record = self._storages.pop(key, None)
@@ -176,7 +221,7 @@ class MemoryTracker(TorchDispatchMode):
         if record is not None:
             self._clock += 1
             record.died = self._clock
-            self._current -= record.nbytes
+            self._subtract(record)
 
     def _note_peak(self) -> None:
         if self._current > self._phase_peaks.get(self._phase, 0):
@@ -194,14 +239,22 @@ class MemoryTracker(TorchDispatchMode):
             if record is not None:
                 record.category = category
                 self._sticky[id(_local(t).untyped_storage())] = category
+                if category == "optimizer" and self._offloading:  # the states of offloaded shards: host's
+                    self._to_host(t)
 
     def watch_model(self, model: torch.nn.Module) -> None:
         """Parameters and buffers as weights (LoRA factors as adapters), grads as gradients.
 
         The gradient hooks go first in each parameter's hook list, so a layer-wise optimizer
         that frees the gradient in its own hook cannot hide it. Modules with weight-gradient
-        hooks of their own (Q-GaLore's Int8Linear) are watched the same way.
+        hooks of their own (Q-GaLore's Int8Linear) are watched the same way. FSDP parameters under
+        CPU offload count as host memory, and so will their gradients and optimizer states.
         """
+        offloaded = [p for p in _fsdp_params(model) if p.offload_to_cpu]
+        if offloaded:
+            self._offloading = True
+            self._host_type = "cpu" if offloaded[0].device.type != "cpu" else None
+            self._offloaded = {id(p.sharded_param) for p in offloaded}
         for name, param in model.named_parameters():
             self.watch([param], "adapters" if "lora_" in name else "weights")
             if param.grad is not None:
@@ -211,6 +264,10 @@ class MemoryTracker(TorchDispatchMode):
                 _run_first(getattr(param, "_post_accumulate_grad_hooks", None), handle)
                 self._hooks.append(handle)
         self.watch(model.buffers(), "weights")
+        for fsdp_param in offloaded:  # the shards (and gradient shards) on the host
+            self._to_host(fsdp_param._sharded_param_data)
+            if fsdp_param.sharded_param.grad is not None:
+                self._to_host(fsdp_param.sharded_param.grad)
         for fsdp_param in _fsdp_params(model):  # gathered copies and their gradients: freed and refilled each step
             for t in fsdp_param.all_gather_outputs:
                 self._sticky[id(t.untyped_storage())] = "weights"
@@ -227,6 +284,8 @@ class MemoryTracker(TorchDispatchMode):
     def _on_grad(self, param: torch.Tensor) -> None:
         if param.grad is not None:
             self.watch([param.grad], "gradients")
+            if id(param) in self._offloaded:  # a reduce-scattered shard, handed to the host
+                self._to_host(param.grad)
 
     def _on_module_grad(self, module: torch.nn.Module) -> None:
         if getattr(module, "weight_grad", None) is not None:
@@ -287,12 +346,14 @@ class MemoryTracker(TorchDispatchMode):
                 return "activations"
         return "transient"
 
-    def breakdown_at(self, clock: int) -> dict[str, int]:
-        """Bytes alive at `clock` (an op index), by category."""
+    def breakdown_at(self, clock: int, host: bool = False) -> dict[str, int]:
+        """Bytes alive at `clock` (an op index) on the device (or the host), by category."""
         totals = dict.fromkeys(CATEGORIES, 0)
         for record in self._records:
             if record.born <= clock and (record.died is None or record.died > clock):
-                totals[self._final_category(record)] += record.nbytes
+                on_host = record.host_since is not None and record.host_since <= clock
+                if on_host == host:
+                    totals[self._final_category(record)] += record.nbytes
         return totals
 
     @property
@@ -305,10 +366,13 @@ class MemoryTracker(TorchDispatchMode):
 
     def result(self) -> Measured:
         phase = max(self._phase_peaks, key=self._phase_peaks.get) if self._phase_peaks else "forward"
+        host = self._host_peak if self._offloading else None
         if not self._keep_records:
-            return Measured(self._peak, phase, {}, phase_peaks=dict(self._phase_peaks))
+            return Measured(self._peak, phase, {}, phase_peaks=dict(self._phase_peaks), host_peak_bytes=host)
         breakdown = self.breakdown_at(self._peak_clock)
-        return Measured(sum(breakdown.values()), phase, breakdown, phase_peaks=dict(self._phase_peaks))
+        host_breakdown = self.breakdown_at(self._host_peak_clock, host=True) if self._offloading else {}
+        return Measured(sum(breakdown.values()), phase, breakdown, phase_peaks=dict(self._phase_peaks),
+                        host_peak_bytes=host, host_breakdown=host_breakdown)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

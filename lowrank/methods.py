@@ -107,6 +107,12 @@ class Prepared:
     def forward(self) -> nn.Module:
         return self.engine if self.engine is not None else self.model
 
+    @property
+    def device(self) -> torch.device:
+        """Where the step computes: the rank's device, or the parameters' (CPU offload keeps FSDP's
+        sharded parameters on the host while the step computes on the GPU)."""
+        return self.parallel.device if self.parallel is not None else next(self.model.parameters()).device
+
     def trainable_parameters(self) -> int:
         extra = self.lowrank.extra_trainable_numel() if self.lowrank else 0
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad) + extra

@@ -285,7 +285,7 @@ def start_session(spec: RunSpec) -> Session:
     from .data import find_tokenizer, load_data
 
     device = resolve_device(spec.device)
-    parallel = Parallel.from_env(spec.setup.shard, device)
+    parallel = Parallel.from_env(spec.setup.shard, device, spec.setup.cpu_offload)
     setup = spec.setup
     if parallel is None and setup.gpus > 1:
         raise ValueError(f"gpus={setup.gpus} trains one process per GPU: launch it with torchrun "
@@ -472,9 +472,11 @@ def run_steps(session: Session, first: int = 0) -> Iterator[StepResult]:
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, batches, setup: TrainSetup) -> float | None:
-    """The mean loss over `batches` in eval mode (None without batches)."""
-    device = next(model.parameters()).device
+def evaluate_model(model: torch.nn.Module, batches, setup: TrainSetup,
+                   device: torch.device | None = None) -> float | None:
+    """The mean loss over `batches` in eval mode (None without batches), computed on `device`
+    (default: the parameters'; a rank's device under CPU offload, whose shards stay on the host)."""
+    device = device or next(model.parameters()).device
     model.eval()
     losses = []
     for batch in batches:
@@ -486,7 +488,8 @@ def evaluate_model(model: torch.nn.Module, batches, setup: TrainSetup) -> float 
 
 def evaluate(session: Session) -> float | None:
     """The eval loss on the held-out split (`eval_batches` batches)."""
-    return evaluate_model(session.prepared.model, session.data.eval_batches(session.spec.eval_batches), session.setup)
+    return evaluate_model(session.prepared.model, session.data.eval_batches(session.spec.eval_batches), session.setup,
+                          session.prepared.device)
 
 
 def save_snapshot(session: Session, step: int) -> None:

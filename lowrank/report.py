@@ -27,6 +27,7 @@ class Comparison:
     category_errors: dict[str, float]  # same, for categories that count
     failures: list[str] = field(default_factory=list)
     load_error: float | None = None  # the load's peak (predicted["load"] vs measured["load_peak_bytes"])
+    host_error: float | None = None  # CPU offload: the host memory's peak (both objects' "host")
 
     @property
     def ok(self) -> bool:
@@ -34,8 +35,11 @@ class Comparison:
 
     def to_dict(self) -> dict:
         """As summary.json holds it."""
-        return {"peak_error": self.peak_error, "category_errors": self.category_errors,
-                "within_targets": self.ok, "failures": self.failures, "load_error": self.load_error}
+        out = {"peak_error": self.peak_error, "category_errors": self.category_errors,
+               "within_targets": self.ok, "failures": self.failures, "load_error": self.load_error}
+        if self.host_error is not None:
+            out["host_error"] = self.host_error
+        return out
 
 
 def relative_error(predicted: float, measured: float) -> float:
@@ -62,7 +66,19 @@ def compare_memory(predicted: dict, measured: dict, peak_tolerance: float = PEAK
     load = None
     if load_bytes(predicted) is not None and load_bytes(measured, measured=True) is not None:
         load = relative_error(load_bytes(predicted), load_bytes(measured, measured=True))
-    return Comparison(peak, errors, failures, load)
+    host = None
+    if host_bytes(predicted) is not None and host_bytes(measured) is not None:
+        host = relative_error(host_bytes(predicted), host_bytes(measured))
+        if abs(host) > peak_tolerance:
+            failures.append(f"host memory {100 * host:+.1f}%")
+    return Comparison(peak, errors, failures, load, host)
+
+
+def host_bytes(memory: dict | None) -> int | None:
+    """The host memory's peak under CPU offload (`"host": {"peak_bytes"}`, the same in a predicted and
+    a measured object); None without offload."""
+    host = memory.get("host") if isinstance(memory, dict) else None
+    return host.get("peak_bytes") if isinstance(host, dict) else None
 
 
 def load_bytes(memory: dict | None, measured: bool = False) -> int | None:
@@ -93,7 +109,7 @@ class Row:
 
 def comparison_rows(predicted: dict, measured: dict | None) -> list[Row]:
     """Every category, then the step's peak, then the load's peak when predicted (its measured
-    value None until measured)."""
+    value None until measured), then the host memory under CPU offload."""
     def value(source: dict | None, name: str) -> int | None:
         if source is None:
             return None
@@ -102,6 +118,8 @@ def comparison_rows(predicted: dict, measured: dict | None) -> list[Row]:
     rows = [Row(name, value(predicted, name), value(measured, name)) for name in (*CATEGORIES, "peak")]
     if load_bytes(predicted) is not None:
         rows.append(Row("load", load_bytes(predicted), load_bytes(measured, measured=True)))
+    if host_bytes(predicted) is not None:
+        rows.append(Row("host memory", host_bytes(predicted), host_bytes(measured)))
     return rows
 
 

@@ -47,7 +47,7 @@ def training_step(prepared: Prepared, micro_batches: Sequence[dict], setup: Trai
     gradients are reduced once, after the last one, and the loss reported is the mean over ranks.
     """
     model, optimizer, parallel = prepared.model, prepared.optimizer, prepared.parallel
-    device = next(model.parameters()).device
+    device = prepared.device
     count = len(micro_batches)
     total = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
@@ -108,7 +108,7 @@ def measure_steady_step(prepared: Prepared, micro_batches: Sequence[dict], setup
     afterwards is the measured step's.
     """
     training_step(prepared, micro_batches, setup)
-    device = next(prepared.model.parameters()).device
+    device = prepared.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -84,7 +84,7 @@ def resumed_spec(args: argparse.Namespace) -> RunSpec:
         raise ValueError(f"--resume {out}: config.json does not describe a run ({type(err).__name__}: {err}); "
                          "give the folder of an earlier run") from None
     fixed = [o.flag for o in (*METHOD_OPTIONS, *SETUP_OPTIONS) if getattr(args, o.dest) is not None
-             and o.field not in ("gpus", "shard")]  # the checkpoint is whole: any number of ranks resumes it
+             and o.field not in ("gpus", "shard", "cpu_offload")]  # the checkpoint is whole: any ranks resume it
     fixed += [o.flag for o in RUN_OPTIONS if o.field not in RESUMABLE and getattr(args, o.dest) is not None]
     fixed += [flag for flag, value in (("--model", args.model), ("--out", args.out)) if value]
     if args.method and args.method != spec.method.method:
@@ -94,10 +94,12 @@ def resumed_spec(args: argparse.Namespace) -> RunSpec:
                          f"method, setup and schedule (it may change {', '.join('--' + r.replace('_', '-') for r in RESUMABLE)}"
                          ", and run on another number of GPUs or strategy)")
     changes = {k: v for k, v in run_values(args).items() if k in RESUMABLE}
-    if args.gpus is not None or args.shard is not None:
+    if args.gpus is not None or args.shard is not None or args.cpu_offload is not None:
         gpus = spec.setup.gpus if args.gpus is None else args.gpus
         shard = args.shard or (spec.setup.shard if gpus > 1 else "none")  # one process shards nothing
-        changes["setup"] = dataclasses.replace(spec.setup, gpus=gpus, shard=shard)
+        offload = spec.setup.cpu_offload and shard in ("gradients", "full") if args.cpu_offload is None \
+            else args.cpu_offload  # kept while FSDP shards
+        changes["setup"] = dataclasses.replace(spec.setup, gpus=gpus, shard=shard, cpu_offload=offload)
     return RunSpec.from_dict(saved, out=str(out), **changes)
 
 

@@ -1,6 +1,10 @@
 """Run by torchrun (tests/distributed/test_distributed.py): for every method × strategy that can train,
 3 steps on N ranks with micro-batch b each must give the parameters of 1 process with micro-batch N·b
-on the same tokens. Prints one JSON line per case on rank 0."""
+on the same tokens. Prints one JSON line per case on rank 0.
+
+    torchrun --nproc-per-node 2 -m tests.distributed.equivalence [METHODS [STRATEGIES [offload]]]
+
+`offload`: the FSDP strategies with CPUOffloadPolicy (--cpu-offload), without the negative control."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import torch.distributed as dist
 
 from estimator.config import FullConfig, GaLoreConfig, LoRAConfig, QGaLoreConfig, QLoRAConfig, TrainSetup
 from lowrank.distributed import SHARD_STRATEGIES, Parallel, refusal
+from lowrank.memory import _fsdp_params
 from lowrank.methods import prepare
 from lowrank.step import training_step
 from tests.helpers import tiny_model
@@ -75,7 +80,8 @@ def compare(state: dict, reference: dict) -> tuple[float, list[str]]:
     return worst, beyond
 
 
-def train(method, setup: TrainSetup, parallel: Parallel | None) -> tuple[dict, list[float]]:
+def train(method, setup: TrainSetup, parallel: Parallel | None) -> tuple[dict, list[float], list[bool]]:
+    """The trained model's whole state, the step losses, and which FSDP parameters were offloaded."""
     prepared = prepare(tiny_model("llama", seed=0), method, setup, lr=LR, grad_clip=1.0, parallel=parallel)
     gen = torch.Generator().manual_seed(1)
     losses = []
@@ -86,7 +92,8 @@ def train(method, setup: TrainSetup, parallel: Parallel | None) -> tuple[dict, l
             batch = {"input_ids": ids, "labels": ids}
             batches.append(parallel.local_batch(batch) if parallel else batch)
         losses.append(training_step(prepared, batches, setup).loss)
-    return full_state(prepared.model), losses
+    offloaded = [p.offload_to_cpu for p in _fsdp_params(prepared.model)]
+    return full_state(prepared.model), losses, offloaded
 
 
 class Unreduced(Parallel):
@@ -96,29 +103,32 @@ class Unreduced(Parallel):
         return model
 
 
-def main(names: list[str], strategies: list[str]) -> None:
+def main(names: list[str], strategies: list[str], offload: bool = False) -> None:
     parallel_env = Parallel.from_env("none")
     method, setup = METHODS["full"], TrainSetup(batch_size=ROWS, seq_len=SEQ, dtype="fp32")
-    state, _ = train(method, setup, Unreduced("none", parallel_env.world, parallel_env.rank, parallel_env.device))
-    worst, beyond = compare(state, train(method, setup, None)[0])
-    if parallel_env.is_main:
-        print(json.dumps({"method": "full", "shard": "unreduced", "worst_relative": worst, "beyond": beyond}))
+    if not offload:
+        state = train(method, setup, Unreduced("none", parallel_env.world, parallel_env.rank, parallel_env.device))[0]
+        worst, beyond = compare(state, train(method, setup, None)[0])
+        if parallel_env.is_main:
+            print(json.dumps({"method": "full", "shard": "unreduced", "worst_relative": worst, "beyond": beyond}))
     for name in names:
         method = METHODS[name]
         setup = TrainSetup(batch_size=ROWS, seq_len=SEQ, dtype="fp32", grad_accum=2 if "layerwise" in name else 1)
-        reference, ref_losses = train(method, setup, None)
+        reference, ref_losses, _ = train(method, setup, None)
         for strategy in strategies:
             if refusal(method, strategy):
                 continue
-            parallel = Parallel(strategy, parallel_env.world, parallel_env.rank, parallel_env.device)
-            state, losses = train(method, setup, parallel)
+            parallel = Parallel(strategy, parallel_env.world, parallel_env.rank, parallel_env.device, offload=offload)
+            state, losses, offloaded = train(method, setup, parallel)
             worst, beyond = compare(state, reference)
             if parallel.is_main:
-                print(json.dumps({"method": name, "shard": strategy, "worst_relative": worst, "beyond": beyond,
-                                  "losses": losses, "reference_losses": ref_losses}), flush=True)
+                print(json.dumps({"method": name, "shard": strategy, "offload": offload, "worst_relative": worst,
+                                  "beyond": beyond, "losses": losses, "reference_losses": ref_losses,
+                                  "fsdp_params": len(offloaded), "offloaded_params": sum(offloaded)}), flush=True)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1].split(",") if len(sys.argv) > 1 else list(METHODS),
-         sys.argv[2].split(",") if len(sys.argv) > 2 else list(SHARD_STRATEGIES))
+         sys.argv[2].split(",") if len(sys.argv) > 2 else list(SHARD_STRATEGIES),
+         offload=sys.argv[3:] == ["offload"])

@@ -94,6 +94,21 @@ def test_the_adapter_of_two_ranks_is_the_peft_adapter_one_process_trains(resumed
     assert torch.isfinite(model(input_ids=torch.randint(0, 4096, (1, 8))).logits).all()
 
 
+def test_a_cpu_offload_run_measures_each_ranks_gpu_and_host_memory_apart(tmp_path):
+    """--cpu-offload under torchrun: the run records the host memory (the offloaded shards) apart from
+    the peak, on every rank, as predicted."""
+    out = tmp_path / "offload"
+    done = train(*RUN, "--method", "lora", "--shard", "full", "--cpu-offload", "--steps", "2", "--out", str(out),
+                 ranks=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    predicted, ranks = summary["predicted"], summary["measured_ranks"]
+    assert summary["status"] == "completed" and predicted["options"]["cpu_offload"] is True
+    assert predicted["host"]["peak_bytes"] == pytest.approx(max(r["host"]["peak_bytes"] for r in ranks), rel=1e-3)
+    assert predicted["peak_bytes"] == pytest.approx(summary["measured"]["peak_bytes"], rel=0.05)
+    assert all(r["breakdown"]["adapters"] == r["breakdown"]["optimizer"] == 0 for r in ranks)  # on the host
+
+
 def test_two_nodes_through_torchruns_rendezvous_train_as_one_process(tmp_path, one_process):
     """Multi-node with torchrun's own flags: two launches on this machine, one rank each (--nnodes 2,
     --node-rank 0/1, the master's address and port), form one job whose losses are one process's."""

@@ -41,6 +41,19 @@ def test_every_supported_method_and_strategy_equals_one_process(equivalence):
         assert case["losses"] == pytest.approx(case["reference_losses"], rel=1e-5), key
 
 
+def test_cpu_offload_trains_to_the_parameters_of_one_process():
+    """FSDP2 with CPUOffloadPolicy on a CPU mesh (Gloo): full training and LoRA under gradients and
+    full, 3 steps on 2 ranks, every parameter offloaded, end where one process ends."""
+    done = torchrun("-m", "tests.distributed.equivalence", "full,lora", "gradients,full", "offload")
+    assert done.returncode == 0, done.stderr[-3000:]
+    cases = {(r["method"], r["shard"]): r for r in map(json.loads, done.stdout.splitlines())}
+    assert set(cases) == {(m, s) for m in ("full", "lora") for s in ("gradients", "full")}
+    for key, case in cases.items():
+        assert case["offload"] and case["offloaded_params"] == case["fsdp_params"] > 0, key  # every fully_shard
+        assert not case["beyond"], (key, case["beyond"])
+        assert case["losses"] == pytest.approx(case["reference_losses"], rel=1e-5), key
+
+
 def test_a_rank_training_on_its_own_rows_alone_is_caught(equivalence):
     """The negative control: without the reduction, the comparison fails on nearly every tensor."""
     assert len(equivalence[("full", "unreduced")]["beyond"]) > 10
