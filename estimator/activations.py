@@ -320,26 +320,45 @@ def gpt2_block_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int, first: b
     - mlp: `gelu_new` is Python arithmetic, `0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))`: it keeps
       x, 0.5·x, tanh(·) and 1 + tanh(·), each 4h wide; its output is c_proj's input; then the
       residual dropout mask.
+    A Conv1D's input is kept only for a weight that trains (or LoRA on it): with LoRA on c_attn
+    alone, ln_2's output and both c_proj inputs are not. In a LoRA model's first block (frozen
+    embeddings) nothing before the first adapted linear needs a gradient, so saves nothing.
     """
     tokens, h, d = batch * seq, spec.hidden_size, flow.d
     p_attn = spec.dropout.get("attn_pdrop", 0.0)
     p_resid = spec.dropout.get("resid_pdrop", 0.0)
+    trains = {short: flow.base_trainable or short in flow.lora_targets for short in ("c_attn", "c_proj", "c_fc")}
+    # does a gradient flow into each point? Always, but in the first block of a LoRA model (frozen
+    # embeddings): there only from the first linear that carries LoRA on
+    into = not first or flow.embeddings_trainable or flow.norms_trainable
+    qkv = into or trains["c_attn"]
+    attn_out = qkv or trains["c_proj"]
     resid_mask = tokens * h * flow.mask_bytes if p_resid > 0 else 0
     kernel = sdpa_kernel(spec, flow, p_attn)
-    if kernel in ("flash", "efficient"):
+    if not qkv:
+        attention = 0
+    elif kernel in ("flash", "efficient"):
         attention = tokens * 3 * h * d + flash_saved(spec, flow, batch, seq, kernel)
     elif kernel == "math":  # CPU: q, k, v upcast to fp32, scores kept in fp32 too
         scores = batch * spec.num_heads * seq * seq
-        attention = tokens * 3 * h * 4 + scores * 4 * 3 + tokens * h * d  # softmax, mask, dropped out
+        attention = tokens * 3 * h * 4 + scores * 4 * 3
     else:
-        attention = tokens * 3 * h * d + scores_saved(spec, flow, batch, seq, d, p_attn) + tokens * h * d
+        attention = tokens * 3 * h * d + scores_saved(spec, flow, batch, seq, d, p_attn)
+    # flash/efficient: the kernel's saved output is c_proj's input (merging the heads is a view)
+    attention += linear_inputs_saved(flow, tokens, h, ("c_proj",), counted=qkv and kernel in ("flash", "efficient"),
+                                     input_grad=qkv)
     width = spec.intermediate_size
     gelu = 4 if spec.activation == "gelu_new" else 1
+    fc_out = attn_out or trains["c_fc"]
+    norm = layernorm_saved(spec, flow, tokens)
     return {
-        "ln_1": layernorm_saved(spec, flow, tokens) + tokens * h * d,
-        "attention": attention + resid_mask,
-        "ln_2": layernorm_saved(spec, flow, tokens) + tokens * h * d,
-        "mlp": tokens * width * d * (gelu + 1) + resid_mask,
+        "ln_1": (norm if into or flow.norms_trainable else 0)
+        + linear_inputs_saved(flow, tokens, h, ("c_attn",), input_grad=into),
+        "attention": attention + (resid_mask if attn_out else 0),
+        "ln_2": (norm if attn_out or flow.norms_trainable else 0)
+        + linear_inputs_saved(flow, tokens, h, ("c_fc",), input_grad=attn_out),
+        "mlp": (tokens * width * d * gelu if fc_out else 0)
+        + linear_inputs_saved(flow, tokens, width, ("c_proj",), input_grad=fc_out) + resid_mask,
     }
 
 

@@ -310,3 +310,20 @@ def test_dry_run_of_gpt2_adapters_beside_the_estimate(tmp_path, method):
     assert measured.breakdown["adapters"] == predicted.breakdown["adapters"] > 0
     assert measured.breakdown["weights"] == predicted.breakdown["weights"]
     assert abs(predicted.peak_bytes - measured.peak_bytes) < 0.01 * measured.peak_bytes
+
+
+@pytest.mark.parametrize("targets, dropout", [("c_attn", 0.0), ("c_fc", 0.1), ("c_attn,c_proj", 0.0)])
+@pytest.mark.parametrize("pdrop", [0.0, 0.1], ids=["flash", "math"])  # CPU SDPA's kernel follows attention dropout
+def test_gpt2_partial_targets_keep_only_what_trains(tmp_path, targets, dropout, pdrop):
+    """LoRA on some of GPT-2's Conv1Ds: a frozen one keeps no input, and the first block saves
+    nothing before its first adapted layer (was +5.5% with c_attn alone on the 124M model)."""
+    from estimator.estimate import estimate
+    from lowrank.dryrun import dry_run
+
+    gpt2_config(n_embd=64, n_head=4, n_layer=3, vocab_size=500, n_positions=64, resid_pdrop=pdrop,
+                attn_pdrop=pdrop, embd_pdrop=pdrop).save_pretrained(tmp_path)
+    method, setup = LoRAConfig(rank=8, targets=targets, dropout=dropout), TrainSetup(batch_size=2, seq_len=64)
+    measured = dry_run(str(tmp_path), method, setup, device="cpu")
+    predicted = estimate(str(tmp_path), method, setup, device="cpu")
+    assert predicted.breakdown["activations"] == pytest.approx(measured.breakdown["activations"], rel=1e-3)
+    assert predicted.peak_bytes == pytest.approx(measured.peak_bytes, rel=1e-3)
