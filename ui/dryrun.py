@@ -62,7 +62,7 @@ def dry_run_steps(model: str, cfg: MethodConfig, setup: TrainSetup, device: str,
     label = f"{model} · {cfg.method}"
     ranks = ""
     if setup.gpus > 1:
-        label += f" · {setup.gpus} GPUs, shard {setup.shard}"
+        label += f" · {setup.gpus} GPUs, shard {setup.shard}" + (", CPU offload" if setup.cpu_offload else "")
         ranks = (f" as rank 0 of {setup.gpus} (fake process group; per GPU: batch {setup.per_gpu_batch}"
                  + (", and under ZeRO-1 each rank owns other states: the estimate is the largest rank's"
                     if setup.shard == "optimizer" else "") + ")")
@@ -77,6 +77,9 @@ def dry_run_steps(model: str, cfg: MethodConfig, setup: TrainSetup, device: str,
     status = (f"**{label}**: measured peak **{fmt_bytes(measured['peak_bytes'])}** in {measured['phase']} "
               f"(fake {used.upper()} tensors{ranks}, {time.perf_counter() - begin:.0f} s); estimate "
               f"{fmt_bytes(predicted['peak_bytes'])} ({100 * error:+.2f}%).")
+    if "host" in measured:  # CPU offload: the shards' host memory, apart from the GPU's peak
+        status += (f" Host memory (CPU offload, the offloaded shards): measured {fmt_bytes(measured['host']['peak_bytes'])}, "
+                   f"estimated {fmt_bytes(predicted['host']['peak_bytes'])}.")
     yield (comparison_figure({label: (summary["predicted"], measured)}),
            breakdown_table(summary["predicted"], measured),
            status + (f"\n\n_{note}_" if note else ""))

@@ -227,6 +227,8 @@ def setup_widgets(batch_size: int = 1, seq_len: int = 256, dtype: str = "bf16", 
                           info="the batch size is split across them; memory is per GPU"),
         "shard": gr.Dropdown([(label, name) for name, label in SHARD_LABELS.items()], value="none",
                              label="sharding across GPUs", info="what the GPUs split (with 2 or more)"),
+        "cpu_offload": gr.Checkbox(False, label="CPU offload (FSDP2: with sharded gradients or weights)",
+                                   info=SETUP_HELP["cpu_offload"]),
         "dtype": gr.Dropdown(list(dtypes), value=dtype, label="dtype", info=SETUP_HELP["dtype"]),
         "autocast": gr.Checkbox(False, label="autocast (fp32 weights, bf16 matmuls)"),
         "grad_checkpointing": gr.Checkbox(False, label="gradient checkpointing"),
@@ -241,14 +243,14 @@ def setup_widgets(batch_size: int = 1, seq_len: int = 256, dtype: str = "bf16", 
 def train_setup(batch_size: float, seq_len: float, grad_accum: float, dtype: str, autocast: bool,
                 grad_checkpointing: bool, attn_implementation: str, gpus: float = 1,
                 shard: str = "none", loss: str = "full", loss_chunk_tokens: float = DEFAULT_CHUNK_TOKENS,
-                packed: bool = False, padded: bool = False) -> TrainSetup:
+                packed: bool = False, padded: bool = False, cpu_offload: bool = False) -> TrainSetup:
     """TrainSetup from the setup widgets' values (ValueError names the field)."""
     return TrainSetup(batch_size=_coerce(batch_size, 1), seq_len=_coerce(seq_len, 1),
                       grad_accum=_coerce(grad_accum, 1), dtype=dtype, autocast=bool(autocast),
                       grad_checkpointing=bool(grad_checkpointing), attn_implementation=attn_implementation,
                       gpus=_coerce(gpus, 1), shard=shard, loss=loss,
                       loss_chunk_tokens=_coerce(loss_chunk_tokens, DEFAULT_CHUNK_TOKENS), packed=bool(packed),
-                      padded=bool(padded))
+                      padded=bool(padded), cpu_offload=bool(cpu_offload))
 
 
 def configs_and_setup(methods: list[str], values: dict[str, Any]) -> tuple[list[MethodConfig], TrainSetup]:
@@ -260,6 +262,6 @@ def configs_and_setup(methods: list[str], values: dict[str, Any]) -> tuple[list[
 def split_setup(values: dict[str, Any]) -> tuple[TrainSetup, dict[str, Any]]:
     """(TrainSetup from the setup keys, the remaining values: method options)."""
     names = ("batch_size", "seq_len", "grad_accum", "dtype", "autocast", "grad_checkpointing", "attn_implementation",
-             "gpus", "shard", "loss", "loss_chunk_tokens", "packed", "padded")
+             "gpus", "shard", "cpu_offload", "loss", "loss_chunk_tokens", "packed", "padded")
     setup = train_setup(**{n: values[n] for n in names if n in values})
     return setup, {k: v for k, v in values.items() if k not in names}

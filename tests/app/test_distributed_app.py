@@ -4,6 +4,7 @@ command, one memory line per rank, and the Plan tab's GPUs needed per method."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -25,6 +26,24 @@ def test_gpus_and_sharding_come_from_the_setup_widgets():
         split_setup(values)
     setup, options = split_setup({**values, "batch_size": 8})
     assert setup.gpus == 4 and options == {"rank": 8}
+
+
+def test_cpu_offload_is_a_setup_widget_a_flag_of_the_run_and_fewer_gpus_in_the_plan():
+    setup = train_setup(8.0, 256.0, 1.0, "bf16", False, False, "sdpa", gpus=4.0, shard="full", cpu_offload=True)
+    assert setup == TrainSetup(batch_size=8, seq_len=256, gpus=4, shard="full", cpu_offload=True)
+    values = {"batch_size": 8, "seq_len": 64, "grad_accum": 1, "dtype": "bf16", "autocast": False,
+              "grad_checkpointing": False, "attn_implementation": "sdpa", "gpus": 4, "shard": "optimizer",
+              "cpu_offload": True}
+    with pytest.raises(ValueError, match="shard='optimizer' has none"):
+        split_setup(values)
+    spec = RunSpec("tiny-llama-5m", LoRAConfig(rank=4), setup, out="runs/x", steps=3)
+    assert "--cpu-offload" in command(spec) and "--cpu-offload" in command(spec, dry_run=True)
+    from estimator.spec import load_spec
+
+    plan = TrainSetup(batch_size=8, seq_len=512, gpus=8, shard="full")
+    rows = [gpu_table(load_spec("llama2-70b"), [FullConfig()], s).set_index("GPU").loc["A100 40GB", "Full training"]
+            for s in (plan, replace(plan, cpu_offload=True))]
+    assert int(rows[1].split("needs ")[1]) < int(rows[0].split("needs ")[1])  # the states leave the GPUs
 
 
 def test_the_worker_starts_several_gpus_under_torchrun_and_a_dry_run_alone():
