@@ -8,6 +8,7 @@ parameters, gathers and reduce-scatters as the engines allocate them. Prints a m
     python bench/distributed_accuracy.py                    # 7B and 70B on 8 GPUs (~20 minutes here)
     python bench/distributed_accuracy.py --quick            # 7B only
     python bench/distributed_accuracy.py --models llama3.1-405b --gpus 64 --shard full
+    python bench/distributed_accuracy.py --cpu-offload      # FSDP2 with CPUOffloadPolicy: GPU and host apart
 
 Target: every peak within 5%.
 """
@@ -56,7 +57,8 @@ def row(model: str, name: str, method, setup: TrainSetup) -> dict:
     check = compare_memory(predicted, measured)
     return {"model": model, "method": name, "shard": setup.shard, "predicted": predicted["peak_bytes"],
             "measured": measured["peak_bytes"], "phase": measured["phase"], "error": check.peak_error,
-            "seconds": seconds}
+            "seconds": seconds, "host": (predicted["host"]["peak_bytes"], measured["host"]["peak_bytes"],
+                                         check.host_error) if setup.cpu_offload else None}
 
 
 def main() -> None:
@@ -68,25 +70,35 @@ def main() -> None:
     parser.add_argument("--batch-per-gpu", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--cpu-offload", action="store_true",
+                        help="FSDP2's CPUOffloadPolicy (gradients and full only): the GPU's peak and the host's memory")
     args = parser.parse_args()
     models = ["llama-7b"] if args.quick else args.models.split(",")
+    strategies = args.shard.split(",")
+    if args.cpu_offload:
+        strategies = [s for s in strategies if s in ("gradients", "full")]
     print(f"{args.gpus} GPUs, batch {args.batch_per_gpu} per GPU × {args.seq_len} tokens, bf16"
-          f"{', checkpointing' if args.grad_checkpointing else ''}; peak of rank 0 (GiB)\n")
-    print("| model | method | shard | predicted | dry run (phase) | error | dry run s |")
-    print("|---|---|---|---:|---:|---:|---:|")
+          f"{', checkpointing' if args.grad_checkpointing else ''}{', CPU offload' if args.cpu_offload else ''}; "
+          "peak of rank 0 (GiB)\n")
+    host_head = " host predicted | host dry run | host error |" if args.cpu_offload else ""
+    print(f"| model | method | shard | predicted | dry run (phase) | error |{host_head} dry run s |")
+    print("|---|---|---|---:|---:|---:|" + "---:|" * (3 if args.cpu_offload else 0) + "---:|")
     worst = 0.0
     for model in models:
-        for shard in args.shard.split(","):
+        for shard in strategies:
             for name, method in METHODS:
                 setup = TrainSetup(batch_size=args.batch_per_gpu * args.gpus, seq_len=args.seq_len, gpus=args.gpus,
-                                   shard=shard, grad_checkpointing=args.grad_checkpointing)
+                                   shard=shard, grad_checkpointing=args.grad_checkpointing,
+                                   cpu_offload=args.cpu_offload)
                 r = row(model, name, method, setup)
                 if "refused" in r:
-                    print(f"| {model} | {name} | {shard} | refused | — | — | — |")
+                    print(f"| {model} | {name} | {shard} | refused | — | — |{' — | — | — |' if host_head else ''} — |")
                     continue
-                worst = max(worst, abs(r["error"]))
+                worst = max(worst, abs(r["error"]), abs(r["host"][2]) if r["host"] else 0.0)
+                host = (f" {r['host'][0] / GiB:.2f} | {r['host'][1] / GiB:.2f} | {100 * r['host'][2]:+.2f}% |"
+                        if r["host"] else "")
                 print(f"| {model} | {name} | {shard} | {r['predicted'] / GiB:.2f} | {r['measured'] / GiB:.2f} "
-                      f"({r['phase']}) | {100 * r['error']:+.2f}% | {r['seconds']:.0f} |", flush=True)
+                      f"({r['phase']}) | {100 * r['error']:+.2f}% |{host} {r['seconds']:.0f} |", flush=True)
     print(f"\nlargest error {100 * worst:.2f}% (target: within {100 * TARGET:.0f}%)"
           f" — {'met' if worst <= TARGET else 'MISSED'}")
 
