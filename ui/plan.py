@@ -112,7 +112,7 @@ def with_value(axis: str, method: MethodConfig, setup: TrainSetup, x: int) -> tu
         return method, replace(setup, seq_len=x)
     if axis == "GPUs":  # one GPU shards nothing
         return method, replace(setup, gpus=x, batch_size=setup.per_gpu_batch * x,
-                               shard=setup.shard if x > 1 else "none")
+                               shard=setup.shard if x > 1 else "none", cpu_offload=setup.cpu_offload and x > 1)
     if axis == "loss chunk tokens":  # the chunked loss at every point (its full-loss line is drawn beside)
         return method, replace(setup, loss="chunked", loss_chunk_tokens=x)
     if hasattr(method, "rank"):
@@ -303,12 +303,14 @@ def estimate_memory(model: str = "llama-7b", method: str = "lora", options: dict
                     batch_size: int = 1, seq_len: int = 256, grad_accum: int = 1, dtype: str = "bf16",
                     autocast: bool = False, grad_checkpointing: bool = False, attn_implementation: str = "sdpa",
                     device: str = "cuda", gpus: int = 1, shard: str = "none", loss: str = "full",
-                    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS, packed: bool = False) -> dict:
+                    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS, packed: bool = False,
+                    cpu_offload: bool = False) -> dict:
     """Predict the memory of one training step: the estimate's JSON object (`Estimate.to_dict`) plus `total_bytes` and `gpus`.
 
     model: a preset (llama-7b, ...), a hub id or a config.json path. method: full, lora, qlora,
     galore or qgalore. options: that method's dataclass fields, e.g. {"rank": 64, "targets": "all-linear"}.
     gpus, shard: data parallelism (shard: none, optimizer, gradients or full); the estimate is per GPU.
+    cpu_offload: with shard gradients or full, FSDP2's shards in host memory (the result's "host").
     loss: full or chunked (loss_chunk_tokens tokens at a time: no b·s·V logits). packed: documents
     packed into full rows, attention kept inside each (position ids restarting per document).
     Every argument is checked (types included) and a problem is one message naming the argument and
@@ -322,7 +324,7 @@ def estimate_memory(model: str = "llama-7b", method: str = "lora", options: dict
         setup = TrainSetup(batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, dtype=dtype,
                            autocast=autocast, grad_checkpointing=grad_checkpointing,
                            attn_implementation=attn_implementation, gpus=gpus, shard=shard, loss=loss,
-                           loss_chunk_tokens=loss_chunk_tokens, packed=packed)
+                           loss_chunk_tokens=loss_chunk_tokens, packed=packed, cpu_offload=cpu_offload)
         est = estimate_spec(load_spec(model), cfg, setup, device=device)
         result = {**est.to_dict(), "total_bytes": est.total_bytes,
                   "gpus": fit_table(est) if device == "cuda" else []}
