@@ -527,6 +527,24 @@ def traced_grad_moments(spec: ModelSpec, flow: Flow, batch: int, seq: int, first
     return {short: (m.alive(batch, seq), m.transient(batch, seq)) for short, m in layer.grad_moments.items()}
 
 
+def traced_grad_moments_anywhere(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> dict[str, tuple[int, int, int]]:
+    """For each weight's short name, the worst moment its gradient is made in any layer of the
+    model (a hybrid family's linear-attention projections are in other layers than its last):
+    (saved bytes of the layers below, of the layer still alive, other tensors alive). Traced
+    families only; without checkpointing."""
+    p = profile(spec, flow, batch, seq)
+    saved = [sum(traced_layer_saved(flow, layer, batch, seq).values()) for layer in p.layers]
+    worst: dict[str, tuple[int, int, int]] = {}
+    below = 0
+    for kind in p.order:
+        for short, m in p.layers[kind].grad_moments.items():
+            moment = (below, m.alive(batch, seq), m.transient(batch, seq))
+            if sum(moment) > sum(worst.get(short, (0, 0, 0))):
+                worst[short] = moment
+        below += saved[kind]
+    return worst
+
+
 def traced_forward_peak(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> tuple[int, int]:
     """(activations, transient) at the worst moment inside a layer's forward: every earlier
     layer's saved tensors, what is shared, and the traced moment of this layer (a chunked linear
