@@ -14,6 +14,7 @@ The equivalence part is this file run by torchrun (`python -m torch.distributed.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import subprocess
@@ -253,6 +254,7 @@ def main() -> None:
                               "worst_relative": worst, "beyond": beyond, "losses": losses,
                               "reference_losses": reference_losses}), flush=True)
     dist.barrier()  # every rank done with its async collectives before Gloo's threads are torn down
+    gc.collect()  # FSDP2's reference cycles hold Gloo work: collected first, or exit may std::terminate
     dist.destroy_process_group()
 
 
