@@ -531,7 +531,7 @@ def traced_grad_moments_anywhere(spec: ModelSpec, flow: Flow, batch: int, seq: i
     """For each weight's short name, the worst moment its gradient is made in any layer of the
     model (a hybrid family's linear-attention projections are in other layers than its last):
     (saved bytes of the layers below, of the layer still alive, other tensors alive). Traced
-    families only; without checkpointing."""
+    families only (under checkpointing the layers below hold their inputs: the first is unused)."""
     p = profile(spec, flow, batch, seq)
     saved = [sum(traced_layer_saved(flow, layer, batch, seq).values()) for layer in p.layers]
     worst: dict[str, tuple[int, int, int]] = {}

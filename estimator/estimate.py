@@ -510,14 +510,15 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
             at_grad = act.traced_grad_moments(spec, flow, b, s, first)
             waiting = shared + ids + (all_blocks - sum(parts.values()) if where == "top block" else 0)
             pending = tied_pending if not before else tied_new
-            anywhere = {} if act.checkpointed(spec, flow) else act.traced_grad_moments_anywhere(spec, flow, b, s)
+            anywhere = act.traced_grad_moments_anywhere(spec, flow, b, s)
             for short, extra_grads, extra in hooks:
                 if short in at_grad:
                     alive, others = at_grad[short]
                     candidates.append((before + extra_grads, waiting + alive, pending + others + extra))
                 elif short in anywhere:  # a weight of another kind of layer (hybrid families): where it is
-                    below, alive, others = anywhere[short]
-                    candidates.append((before + extra_grads, shared + ids + below + alive, pending + others + extra))
+                    below, alive, others = anywhere[short]  # checkpointed: the blocks below keep their inputs only
+                    held = waiting if act.checkpointed(spec, flow) else shared + ids + below
+                    candidates.append((before + extra_grads, held + alive, pending + others + extra))
                 else:
                     alive, others = max(at_grad.values(), key=sum, default=(0, 0))
                     candidates.append((before + extra_grads, waiting + alive, pending + others + extra))
