@@ -510,7 +510,8 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
             at_grad = act.traced_grad_moments(spec, flow, b, s, first)
             waiting = shared + ids + (all_blocks - sum(parts.values()) if where == "top block" else 0)
             pending = tied_pending if not before else tied_new
-            anywhere = act.traced_grad_moments_anywhere(spec, flow, b, s)
+            elsewhere = [short for short, _, _ in hooks if short not in at_grad]  # another kind of layer's
+            anywhere = act.traced_grad_moments_anywhere(spec, flow, b, s) if elsewhere else {}
             for short, extra_grads, extra in hooks:
                 if short in at_grad:
                     alive, others = at_grad[short]
