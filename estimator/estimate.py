@@ -607,7 +607,8 @@ def estimate_spec(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, devi
         model=spec.name,
         method=method.method,
         params_total=spec.params_total,
-        params_trainable=mem.params_trainable(spec, method),
+        # parameters no gradient reaches still require one (the trainer counts them): no gradient, no state
+        params_trainable=mem.params_trainable(spec, method) + (0 if isinstance(method, LoRAConfig) else spec.unreached_params),
         peak_bytes=peak,
         phase=name.split(":")[0],
         moment=name,

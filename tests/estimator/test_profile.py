@@ -118,4 +118,5 @@ def test_towers_a_text_step_never_reaches_get_no_gradient_or_state(tmp_path):
     assert predicted.breakdown["gradients"] == measured["breakdown"]["gradients"]
     assert predicted.breakdown["optimizer"] == pytest.approx(measured["breakdown"]["optimizer"], rel=1e-3)
     assert any("no gradient in a text-only step" in note for note in predicted.notes)
+    assert predicted.params_trainable == spec.params_total  # they require a gradient, as the trainer counts
     assert load_spec("tiny-llama-5m").unreached_params == 0
