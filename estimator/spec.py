@@ -621,13 +621,18 @@ def _unreached(spec: ModelSpec, model) -> dict[str, int]:
     text = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
             for p in m.parameters()}
     outside = sum(p.numel() for n, p in model.named_parameters()
-                  if not n.startswith(prefix + ".") and id(p) not in text and "norm" not in n.rsplit(".", 2)[-2].lower())
+                  if not n.startswith(prefix + ".") and id(p) not in text and not _is_norm(n.rpartition(".")[0]))
     if outside < 0.01 * spec.params_total:
         return {}
     try:
         return unreached_parameters(spec)
     except Exception:  # noqa: BLE001 - a forward the trace cannot run: count every parameter as trained
         return {}
+
+
+def _is_norm(module_path: str) -> bool:
+    """Is the module at this path a norm (counted in norm_params)?"""
+    return "norm" in module_path.split(".")[-1].lower() or bool(re.search(r"(^|\.)ln_", module_path))
 
 
 def _owners(params: dict[str, int], depth: int = 3) -> tuple[str, ...]:
@@ -678,7 +683,7 @@ def _spec_from_model(model, config, name: str, unreached: dict[str, int] | None 
             embedding_params += param.numel()
         elif module_path == lm_head_module:
             lm_head_params += param.numel()
-        elif "norm" in module_path.split(".")[-1].lower() or re.search(r"(^|\.)ln_", module_path):
+        elif _is_norm(module_path):
             norm_params += param.numel()
         else:
             other_params += param.numel()
