@@ -239,12 +239,13 @@ def _block_tensors(spec: ModelSpec, method: MethodConfig, world: int) -> list[tu
     lora = isinstance(method, LoRAConfig)
     h, layers = spec.hidden_size, spec.num_layers
     kinds = []
-    for lin in spec.linears:
-        kinds.append((lin.out_features, lin.in_features, not lora, lin.count))
+    for lin, trains in [(lin, True) for lin in spec.linears] + [(lin, False) for lin in spec.idle_linears]:
+        # an idle linear (no gradient reaches it) holds no gradient or state
+        kinds.append((lin.out_features, lin.in_features, trains and not lora, lin.count))
         if lin.bias:
-            kinds.append((lin.out_features, 1, not lora, lin.count))
+            kinds.append((lin.out_features, 1, trains and not lora, lin.count))
         if lora and mem.is_target(lin, method.targets):
-            kinds += [(method.rank, lin.in_features, True, lin.count), (lin.out_features, method.rank, True, lin.count)]
+            kinds += [(method.rank, lin.in_features, trains, lin.count), (lin.out_features, method.rank, trains, lin.count)]
     for ex in spec.experts:  # frozen under LoRA (no adapters on fused expert weights)
         if expert_shard_dim(ex.num_experts, ex.out_features, world):
             kinds.append((ex.out_features, ex.num_experts * ex.in_features, not lora, ex.count))

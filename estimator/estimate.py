@@ -171,7 +171,7 @@ def check_against_model(spec: ModelSpec, method: MethodConfig, setup: TrainSetup
     if isinstance(method, (LoRAConfig, GaLoreConfig)):
         experts = mem.projected_experts(spec, method)
         chosen = mem.target_linears(spec, method.targets) + [ex.matrix for ex in experts]
-        problem = targets_problem(method.targets, [lin.short for lin in spec.linears], bool(chosen), spec.name,
+        problem = targets_problem(method.targets, [lin.short for lin in spec.held_linears], bool(chosen), spec.name,
                                   [ex.short for ex in spec.experts], _projects_experts(method), _METHOD_NAMES[method.method])
         if problem:
             problems.append(problem)
@@ -205,8 +205,8 @@ def check_against_model(spec: ModelSpec, method: MethodConfig, setup: TrainSetup
         notes.append(f"{spec.model_type}: activations traced from transformers' own forward on CPU kernels "
                      f"(no named formulas for this family)")
     notes += _expert_notes(spec, method)
-    if spec.unreached_params:
-        notes.append(f"{spec.unreached_params / 1e6:,.1f} M parameters ({', '.join(spec.unreached_modules[:3])}) get no "
+    if spec.idle_params:
+        notes.append(f"{spec.idle_params / 1e6:,.1f} M parameters ({', '.join(spec.unreached_modules[:3])}) get no "
                      "gradient in a text-only step: held as weights, with no gradient and no optimizer state")
     return notes
 
@@ -608,7 +608,7 @@ def estimate_spec(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, devi
         method=method.method,
         params_total=spec.params_total,
         # parameters no gradient reaches still require one (the trainer counts them): no gradient, no state
-        params_trainable=mem.params_trainable(spec, method) + (0 if isinstance(method, LoRAConfig) else spec.unreached_params),
+        params_trainable=mem.params_trainable(spec, method),
         peak_bytes=peak,
         phase=name.split(":")[0],
         moment=name,

@@ -140,7 +140,7 @@ def _block_order(spec: ModelSpec) -> list[tuple[str, int, int]]:
     per_block_norms = block_norm_params(spec)
     per_block_other = spec.other_params // spec.num_layers if spec.num_layers else 0
     for b in range(spec.num_layers):
-        for lin in spec.linears:
+        for lin in spec.held_linears:
             if b < lin.count:
                 out.append(("linear", lin.in_features * lin.out_features, b))
                 if lin.bias:
@@ -170,7 +170,7 @@ def _linears_in_order(spec: ModelSpec, targets: str) -> list[tuple[int, int]]:
 
     out = []
     for b in range(spec.num_layers):
-        for lin in spec.linears:
+        for lin in spec.held_linears:
             if b < lin.count and is_target(lin, targets):
                 out.append((lin.in_features * lin.out_features, lin.out_features if lin.bias else 0))
     return out
@@ -182,7 +182,7 @@ def _blocks(spec: ModelSpec, targets: str, last: bool) -> tuple[list[tuple[int, 
     only shift the totals, and a quantization's running total moves one way — else every block's."""
     from .memory import is_target
 
-    chosen = [lin for lin in spec.linears if is_target(lin, targets)]
+    chosen = [lin for lin in spec.held_linears if is_target(lin, targets)]
     if any(lin.count != spec.num_layers for lin in chosen):
         return _linears_in_order(spec, targets), 0
     block = [(lin.in_features * lin.out_features, lin.out_features if lin.bias else 0) for lin in chosen]

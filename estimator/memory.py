@@ -17,9 +17,10 @@ def is_target(lin: LinearShape | ExpertShape, targets: str) -> bool:
     return selects(lin.short, lin.group, targets)
 
 
-def target_linears(spec: ModelSpec, targets: str) -> list[LinearShape]:
-    """The decoder-block linears a method acts on (estimator.targets rules, on shapes)."""
-    return [lin for lin in spec.linears if is_target(lin, targets)]
+def target_linears(spec: ModelSpec, targets: str, idle: bool = False) -> list[LinearShape]:
+    """The decoder-block linears a method acts on (estimator.targets rules, on shapes): those that
+    train; `idle`: those no gradient reaches too (quantized and adapted all the same)."""
+    return [lin for lin in (spec.held_linears if idle else spec.linears) if is_target(lin, targets)]
 
 
 def projected_experts(spec: ModelSpec, method: MethodConfig) -> list[ExpertShape]:
@@ -56,20 +57,21 @@ def weights_bytes(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -> i
     buffers = spec.float_buffer_numel * d + spec.other_buffer_bytes
     total = spec.params_total * d + buffers + sum(saved_copies(spec, method)) * d
     if isinstance(method, QLoRAConfig):  # QLoRA quantizes every linear of the decoder blocks
-        for lin in spec.linears:
+        for lin in spec.held_linears:
             weight = lin.in_features * lin.out_features
             total += lin.count * (nf4_nbytes(weight, method.double_quant) - weight * d)
     elif isinstance(method, QGaLoreConfig):
-        for lin in target_linears(spec, method.targets):
+        for lin in target_linears(spec, method.targets, idle=True):
             weight = lin.in_features * lin.out_features
             total += lin.count * (int8_weight_bytes(weight, method.weight_group_size) - weight * d)
     return total
 
 
-def lora_params(spec: ModelSpec, method: LoRAConfig) -> int:
-    """A (r × in) and B (out × r) for every target linear (Hu et al. 2021, arXiv 2106.09685 §4)."""
+def lora_params(spec: ModelSpec, method: LoRAConfig, idle: bool = True) -> int:
+    """A (r × in) and B (out × r) for every target linear (Hu et al. 2021, arXiv 2106.09685 §4);
+    `idle` False: only those on linears a gradient reaches."""
     return sum(lin.count * method.rank * (lin.in_features + lin.out_features)
-               for lin in target_linears(spec, method.targets)) + sum(m * n for m, n in head_lora_shapes(spec, method))
+               for lin in target_linears(spec, method.targets, idle)) + sum(m * n for m, n in head_lora_shapes(spec, method))
 
 
 def adapter_dtype_bytes(method: MethodConfig, setup: TrainSetup) -> int:
@@ -86,7 +88,8 @@ def adapters_bytes(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -> 
 
 
 def trainable_tensors(spec: ModelSpec, method: MethodConfig) -> list[int]:
-    """numel of each trainable tensor (one entry per tensor: optimizers keep state per tensor)."""
+    """numel of each trainable tensor a gradient reaches (one entry per tensor: optimizers keep
+    state per tensor)."""
     if isinstance(method, LoRAConfig):
         out = []
         for lin in target_linears(spec, method.targets):
@@ -162,14 +165,21 @@ def head_gradient_bytes(spec: ModelSpec, method: MethodConfig, setup: TrainSetup
 
 
 def params_trainable(spec: ModelSpec, method: MethodConfig) -> int:
-    return sum(trainable_tensors(spec, method))
+    """Parameters that require a gradient, as the trainer counts them: those no gradient reaches
+    included (idle linears, or LoRA's factors on them; the unreached others under full rank)."""
+    if isinstance(method, LoRAConfig):
+        idle = lora_params(spec, method) - lora_params(spec, method, idle=False)
+    else:
+        idle = spec.idle_params
+    return sum(trainable_tensors(spec, method)) + idle
 
 
 def gradient_bytes(spec: ModelSpec, method: MethodConfig, setup: TrainSetup) -> int:
-    """Gradients of every trainable tensor, in its dtype (all of them exist after backward)."""
+    """Gradients of every trainable tensor a gradient reaches, in its dtype (all of them exist after backward)."""
     if isinstance(method, LoRAConfig):
-        return adapters_bytes(spec, method, setup) + sum(saved_copies(spec, method)) * DTYPE_BYTES[setup.dtype]
-    return params_trainable(spec, method) * DTYPE_BYTES[setup.dtype]
+        return (lora_params(spec, method, idle=False) * adapter_dtype_bytes(method, setup)
+                + sum(saved_copies(spec, method)) * DTYPE_BYTES[setup.dtype])
+    return sum(trainable_tensors(spec, method)) * DTYPE_BYTES[setup.dtype]
 
 
 def adam_state_bytes(numel: int, dtype_bytes: int, optimizer: str, step_tensor: bool = True) -> int:

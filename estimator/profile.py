@@ -402,18 +402,22 @@ def _build(spec: ModelSpec, key: TraceKey):
 
 
 def unreached_parameters(spec: ModelSpec) -> dict[str, int]:
-    """Parameters outside the decoder blocks that no gradient reaches in a text-only step (a
-    multimodal causal LM's vision and audio towers): name -> numel. They are held, but AdamW keeps
-    no state for them and they never get a .grad. Found by walking the autograd graph of one
-    traced forward (batch 1, 8 tokens) back from the loss."""
+    """Parameters that no gradient reaches in a text-only step: name -> numel. Outside the blocks,
+    a multimodal causal LM's vision and audio towers; inside them, a decoder's cross-attention to
+    an encoder that is never called (TrOCR) or a sparse-attention indexer whose top-k selection
+    stops the gradient (DeepSeek-V4, HunYuan-V4). They are held, but AdamW keeps no state for them
+    and they never get a .grad. Found by walking the autograd graph of one traced forward (batch 1,
+    1024 tokens, fewer where the model's positions end: a compressor that pools blocks of tokens is
+    reached only by a sequence longer than its block) back from the loss; a block that repeats a
+    traced one is judged by it. Expert weights are left out: which experts a few tokens reach is
+    the router's choice, not the model's structure."""
     import torch
 
-    model, mode, prefix, _layers, _counts, _last, _template, _lora = _build(spec, TraceKey(dtype="bf16", trainable=True, attn="eager"))
-    params = {id(p): (name, p.numel()) for name, p in model.named_parameters()
-              if not name.startswith(prefix + ".")}
+    model, mode, prefix, layers, _counts, (_last, order), _template, _lora = _build(
+        spec, TraceKey(dtype="bf16", trainable=True, attn="eager"))
     reached: set[int] = set()
     with mode, fake_packing_answers():
-        ids = torch.randint(0, spec.vocab_size, (1, 8))
+        ids = torch.randint(0, spec.vocab_size, (1, min(1024, spec.max_position or 1024)))
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         seen, todo = set(), [loss.grad_fn]
         while todo:
@@ -425,7 +429,17 @@ def unreached_parameters(spec: ModelSpec) -> dict[str, int]:
             if variable is not None:
                 reached.add(id(variable))
             todo += [nxt for nxt, _ in fn.next_functions]
-    return {name: numel for pid, (name, numel) in params.items() if pid not in reached}
+    traced = {(i, name) for i in set(order) for name, p in layers[i].named_parameters() if id(p) in reached}
+    block = re.compile(re.escape(prefix) + r"\.(\d+)\.(.+)")
+    out = {}
+    for name, p in model.named_parameters():
+        found = block.match(name)
+        if not found:
+            if id(p) not in reached:
+                out[name] = p.numel()
+        elif "expert" not in found[2].lower() and (order[int(found[1])], found[2]) not in traced:
+            out[name] = p.numel()
+    return out
 
 
 def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):

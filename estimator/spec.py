@@ -117,15 +117,29 @@ class ModelSpec:
     # towers): held as weights, never a gradient or an optimizer state; in no group above
     unreached_params: int = 0
     unreached_modules: tuple[str, ...] = ()
+    # decoder-block linears no gradient reaches (a cross-attention whose encoder never runs, a
+    # sparse-attention indexer behind a top-k): held (quantized, adapted, projected like the rest
+    # when targeted), never a gradient or an optimizer state; not in `linears`
+    idle_linears: tuple[LinearShape, ...] = ()
 
     @property
     def linear_params(self) -> int:
         return sum(lin.numel * lin.count for lin in self.linears)
 
     @property
+    def held_linears(self) -> tuple[LinearShape, ...]:
+        """Every linear of the decoder blocks: those that train and the idle ones."""
+        return self.linears + self.idle_linears
+
+    @property
+    def idle_params(self) -> int:
+        """Parameters no gradient reaches: idle linears and the unreached others."""
+        return sum(lin.numel * lin.count for lin in self.idle_linears) + self.unreached_params
+
+    @property
     def params_total(self) -> int:
         return (self.linear_params + self.embedding_params + self.lm_head_params
-                + self.norm_params + self.other_params + self.unreached_params)
+                + self.norm_params + self.other_params + self.idle_params)
 
     @property
     def expert_params(self) -> int:
@@ -609,20 +623,12 @@ def spec_from_config(config, name: str) -> ModelSpec:
 
 
 def _unreached(spec: ModelSpec, model) -> dict[str, int]:
-    """Parameters outside the decoder blocks that a text-only step gives no gradient (a multimodal
-    model's towers), when those outside the blocks, the embeddings, lm_head and norms are 1% of
-    the model or more (a trace costs a few tenths of a second); none for a named family."""
+    """Parameters that a text-only step gives no gradient (a multimodal model's towers, a
+    cross-attention to an encoder that never runs, a sparse-attention indexer): one traced forward,
+    a tenth to a few tenths of a second; none for a named family."""
     from .profile import unreached_parameters
-    from .targets import decoder_layers
 
     if spec.exact_family:
-        return {}
-    prefix, _ = decoder_layers(model)
-    text = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
-            for p in m.parameters()}
-    outside = sum(p.numel() for n, p in model.named_parameters()
-                  if not n.startswith(prefix + ".") and id(p) not in text and not _is_norm(n.rpartition(".")[0]))
-    if outside < 0.01 * spec.params_total:
         return {}
     try:
         return unreached_parameters(spec)
@@ -635,11 +641,14 @@ def _is_norm(module_path: str) -> bool:
     return "norm" in module_path.split(".")[-1].lower() or bool(re.search(r"(^|\.)ln_", module_path))
 
 
-def _owners(params: dict[str, int], depth: int = 3) -> tuple[str, ...]:
-    """The modules (`depth` names deep) that hold these parameters, the largest first."""
+def _owners(params: dict[str, int], prefix: str, depth: int = 3) -> tuple[str, ...]:
+    """The modules (`depth` names deep; in a decoder block, the block's child, any block's as
+    "layers.*.child") that hold these parameters, the largest first."""
     sizes: dict[str, int] = {}
+    block = re.compile(re.escape(prefix) + r"\.\d+\.([^.]+)")
     for pname, numel in params.items():
-        owner = ".".join(pname.split(".")[:depth])
+        found = block.match(pname)
+        owner = f"{prefix.rsplit('.', 1)[-1]}.*.{found[1]}" if found else ".".join(pname.split(".")[:depth])
         sizes[owner] = sizes.get(owner, 0) + numel
     return tuple(sorted(sizes, key=lambda o: -sizes[o]))
 
@@ -651,15 +660,19 @@ def _spec_from_model(model, config, name: str, unreached: dict[str, int] | None 
 
     from .targets import block_linears, decoder_layers, expert_parameters, linear_group, linear_shape
 
-    _, blocks = decoder_layers(model)
+    prefix, blocks = decoder_layers(model)
+    unreached = unreached or {}
     linear_counts: dict[tuple, int] = {}
+    idle_counts: dict[tuple, int] = {}
     linear_modules: set[str] = set()
     for path, module in block_linears(model):  # routers and one-output gates count as other_params
         in_f, out_f = linear_shape(module)
         key = (path.rsplit(".", 1)[-1], linear_group(path), in_f, out_f, module.bias is not None)
-        linear_counts[key] = linear_counts.get(key, 0) + 1
+        counts = idle_counts if f"{path}.weight" in unreached else linear_counts
+        counts[key] = counts.get(key, 0) + 1
         linear_modules.add(path)
     linears = tuple(LinearShape(*key, count) for key, count in linear_counts.items())
+    idle = tuple(LinearShape(*key, count) for key, count in idle_counts.items())
     expert_counts: dict[tuple, int] = {}
     for pname, param in expert_parameters(model):  # fused (E, m, n) weights: in other_params below
         key = (pname.rsplit(".", 1)[-1], linear_group(pname), *(int(n) for n in param.shape))
@@ -677,7 +690,7 @@ def _spec_from_model(model, config, name: str, unreached: dict[str, int] | None 
             lm_head_module = path
     for pname, param in model.named_parameters():  # tied weights appear once
         module_path = pname.rsplit(".", 1)[0]
-        if module_path in linear_modules or pname in (unreached or {}):
+        if module_path in linear_modules or pname in unreached:
             continue
         if module_path in embedding_modules:
             embedding_params += param.numel()
@@ -735,8 +748,9 @@ def _spec_from_model(model, config, name: str, unreached: dict[str, int] | None 
         experts_per_token=int(_attr(config, "num_experts_per_tok", "moe_topk", default=0) or 0)
         if experts else 0,
         other_tensors=tuple(sorted(other_sizes.items(), reverse=True)),
-        unreached_params=sum((unreached or {}).values()),
-        unreached_modules=_owners(unreached or {}),
+        unreached_params=sum(n for pname, n in unreached.items() if pname.rsplit(".", 1)[0] not in linear_modules),
+        unreached_modules=_owners(unreached, prefix),
+        idle_linears=idle,
     )
 
 

@@ -109,3 +109,34 @@ def test_max_batch_size_is_the_largest_that_fits():
     too_big = est.estimate_spec(spec, LoRAConfig(rank=8), TrainSetup(batch_size=largest + 1, seq_len=512))
     assert fits.total_bytes <= gpu.memory_bytes < too_big.total_bytes
     assert gpus.max_batch_size(est.load_spec("llama2-70b"), FullConfig(), setup, gpu) is None
+
+
+@pytest.mark.parametrize("method", [FullConfig(), LoRAConfig(rank=4), QLoRAConfig(rank=4), GaLoreConfig(rank=8),
+                                    QGaLoreConfig(rank=8)])
+def test_linears_no_gradient_reaches_hold_no_gradient_or_state(method):
+    """TrOCR's decoder blocks carry a cross-attention to an image encoder a text-only step never
+    calls: its linears are held (quantized and adapted like the rest), but get no gradient and no
+    optimizer state; the trainer still counts them as trainable (was +13.9% on gradients and
+    optimizer states under full training)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("trocr", d_model=64, decoder_layers=2, decoder_attention_heads=4,
+                                  decoder_ffn_dim=128, vocab_size=512, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    setup = TrainSetup(batch_size=2, seq_len=16, dtype="bf16")
+    spec = spec_from_config(model.config, "trocr")
+    assert {lin.short for lin in spec.idle_linears} == {"q_proj", "k_proj", "v_proj", "out_proj"}
+    assert spec.unreached_modules == ("layers.*.encoder_attn", "layers.*.encoder_attn_layer_norm")
+    prepared = prepare(model, method, setup, lr=1e-3)
+    ids = torch.randint(0, 512, (2, 16))
+    training_step(prepared, [{"input_ids": ids, "labels": ids}], setup)
+    real = stored_bytes(prepared)
+    assert mem.weights_bytes(spec, method, setup) == real["weights"]
+    assert mem.adapters_bytes(spec, method, setup) == real["adapters"]
+    assert mem.optimizer_bytes(spec, method, setup) == real["optimizer"]
+    if not isinstance(method, GaLoreConfig):  # GaLore's layer-wise hooks free theirs
+        prepared.model(input_ids=ids, labels=ids).loss.backward()
+        grads = [p.grad for p in prepared.model.parameters() if p.grad is not None]
+        assert mem.gradient_bytes(spec, method, setup) == sum(g.numel() * g.element_size() for g in grads)
+    assert mem.params_trainable(spec, method) == prepared.trainable_parameters()
