@@ -400,7 +400,10 @@ def _plain_tensors(spec: ModelSpec, method: GaLoreConfig) -> list[int]:
 
 
 def layerwise_hooks(spec: ModelSpec, method: GaLoreConfig, setup: TrainSetup) -> list[tuple[str, int, int]]:
-    """(weight's short name, gradients, transient) at the worst moments of a layer-wise hook in a block.
+    """(weight's gradient key, gradients, transient) at the worst moments of a layer-wise hook in a block.
+
+    The key is the weight's short name, a fused expert weight's `ExpertShape.grad_key`: a shared
+    expert's `down_proj` linear is updated at its own moment, not at the routed experts'.
 
     First the full gradient of a projected weight sits beside its projection R (ℓ elements);
     the gradient is then freed and Adam's temporaries (and Q-GaLore's full-size update) follow.
@@ -416,11 +419,11 @@ def layerwise_hooks(spec: ModelSpec, method: GaLoreConfig, setup: TrainSetup) ->
     experts = mem.projected_experts(spec, method)
     for ex in experts:
         low = galore_low_rank_numel(ex.matrix, method) * d
-        hooks += [(ex.short, ex.numel * d, ex.num_experts * low + projection_read_temps(ex.matrix, method, d)),
-                  (ex.short, 0, (ex.num_experts - 1) * low + expert_update_temps(ex.matrix, method, d))]
+        hooks += [(ex.grad_key, ex.numel * d, ex.num_experts * low + projection_read_temps(ex.matrix, method, d)),
+                  (ex.grad_key, 0, (ex.num_experts - 1) * low + expert_update_temps(ex.matrix, method, d))]
     plain = {(lin.short, lin.in_features * lin.out_features) for lin in spec.linears
              if not mem.is_target(lin, method.targets)}
-    plain |= {(ex.short, ex.numel) for ex in spec.experts if ex not in experts}
+    plain |= {(ex.grad_key, ex.numel) for ex in spec.experts if ex not in experts}
     hooks += [(short, n * d, galore_plain_temps(n, method, d)) for short, n in sorted(plain)]
     return hooks
 

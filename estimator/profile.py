@@ -50,7 +50,7 @@ from functools import lru_cache
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .spec import ModelSpec
+from .spec import ModelSpec, expert_grad_key
 
 # Traced batch sizes. Batch 1 can take other code paths (a copy skipped because a tensor is
 # already contiguous), so it has a profile of its own, traced at batch 1; larger batches are
@@ -173,7 +173,7 @@ class TracedLayer:
     steps: tuple[TracedStep, ...]
     linears: tuple[LinearInput, ...]
     forward_steps: tuple[TracedStep, ...] = ()  # moments of its forward: its saved bytes so far, the rest
-    # the moment each weight's gradient is made (by the weight's short name): a layer-wise
+    # the moment each weight's gradient is made (by the weight's short name, profile._short): a layer-wise
     # optimizer's hook runs then, beside what is alive then
     grad_moments: dict[str, TracedStep] = field(default_factory=dict)
 
@@ -778,9 +778,10 @@ def _is_expert(name: str) -> bool:
 
 
 def _short(name: str) -> str:
-    """The short name the estimator gives a weight: its module's (`q_proj`), or an expert tensor's own."""
+    """The name the estimator gives a weight's gradient: its module's short name (`q_proj`), or an
+    expert tensor's own, marked as an expert's (`experts.down_proj`, spec.expert_grad_key)."""
     parts = name.split(".")
-    return parts[-1] if _is_expert(name) else parts[-2] if len(parts) > 1 else parts[-1]
+    return expert_grad_key(parts[-1]) if _is_expert(name) else parts[-2] if len(parts) > 1 else parts[-1]
 
 
 def _head_part(path: str, lm_head_path: str, spec: ModelSpec) -> str:

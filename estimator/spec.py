@@ -50,6 +50,13 @@ class LinearShape:
         return self.in_features * self.out_features + (self.out_features if self.bias else 0)
 
 
+def expert_grad_key(short: str) -> str:
+    """A fused expert weight's gradient, named apart from a linear's of the same short name: a
+    shared expert's `down_proj` and the routed experts' `experts.down_proj` are made at different
+    moments of a block's backward (the routed experts' buffers are alive only at theirs)."""
+    return f"experts.{short}"
+
+
 @dataclass(frozen=True)
 class ExpertShape:
     """One fused expert weight of a mixture-of-experts block, (num_experts, out_features,
@@ -67,6 +74,11 @@ class ExpertShape:
     def numel(self) -> int:
         """Elements of one block's tensor (every expert)."""
         return self.num_experts * self.out_features * self.in_features
+
+    @property
+    def grad_key(self) -> str:
+        """Its gradient's name among a block's (estimator/profile.py grad_moments)."""
+        return expert_grad_key(self.short)
 
     @property
     def matrix(self) -> LinearShape:
