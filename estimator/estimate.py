@@ -320,15 +320,19 @@ def galore_plain_temps(numel: int, method: GaLoreConfig, d: int) -> int:
 
 
 def galore_update_temps(lin, method: GaLoreConfig, d: int) -> int:
-    """Temporaries of one projected weight's update: Adam on ℓ, plus for Q-GaLore the dequantized
-    projection and the full-size update added to the INT8 weight by stochastic rounding."""
+    """Temporaries of one projected weight's update: Adam on ℓ; then for Q-GaLore the update
+    direction (ℓ, weight dtype) is projected back into a full-size update, which stochastic
+    rounding adds to the INT8 weight. The direction is alive through both: beside the projection's
+    read (lowrank.quant dequantizes it for the matmul, whose output is the full-size update) and
+    beside the rounding's work blocks."""
     low = galore_low_rank_numel(lin, method)
     temps = galore_adam_temps(low, method, d)
     if isinstance(method, QGaLoreConfig):
         r = min(method.rank, lin.in_features, lin.out_features)
         proj = r * min(lin.in_features, lin.out_features) * d
         numel = lin.in_features * lin.out_features
-        temps = max(temps, numel * d + proj + stochastic_rounding_temps(numel))
+        add_back = max(projection_read_temps(lin, method, d), numel * d + max(proj, stochastic_rounding_temps(numel)))
+        temps = max(temps, low * d + add_back)
     return temps
 
 
@@ -686,7 +690,18 @@ def step_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, devic
         # (accumulating, the first is not yet added either: three copies beside the accumulated ones)
         tied = flow.tied_trainable(spec)
         copies = 3 if before else 2
-        moments["backward: end"] = moment(grads, 0, copies * spec.vocab_size * spec.hidden_size * d if tied else 0)
+        embedding = spec.vocab_size * spec.hidden_size * d
+        ends = [moment(grads, 0, copies * embedding if tied else 0)]
+        if flow.embeddings_trainable:
+            # the embedding's backward makes its gradient while the gradient flowing into it (b·s·h)
+            # and the token ids are alive; the new gradient is a .grad at once unless it is added to
+            # another one: the accumulated gradient, or (tied) lm_head's side still in the buffer
+            flowing = b * s * spec.hidden_size * d
+            new = embedding if before or tied else 0
+            pending = embedding if tied else 0
+            ends.append(moment(grads - (embedding if tied and not before else 0), act.token_ids(flow, b, s),
+                               pending + new + flowing))
+        moments["backward: end"] = max(ends, key=lambda m: sum(m.values()))
         moments["optimizer"] = moment(grads, 0, update)
     return moments, terms
 

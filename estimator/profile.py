@@ -267,6 +267,7 @@ class _Tracer:
         self.layer_stack: list[int] = []  # the traced layers whose forward is running
         self.forward_end = 0
         self.layers_done = 0  # the clock when the last traced layer's forward returned
+        self.layers_start: int | None = None  # the clock when the first layer's forward began
         self.inputs: dict[int, int] = {}
 
     def register(self, t, kind: str | None = None) -> _Record | None:
@@ -515,6 +516,8 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
         handles.append(m.register_forward_hook(inject(path)))
     def first_input(module, args, kwargs):  # the first layer's input gradient ends its backward
         hidden = args[0] if args else kwargs.get("hidden_states")
+        if tracer.phase == "forward" and tracer.layers_start is None:
+            tracer.layers_start = tracer.clock
         if tracer.phase == "forward" and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
             hidden.register_hook(lambda g: tracer.segments.append((tracer.clock, "tail")))
 
@@ -677,6 +680,11 @@ def _measure(spec: ModelSpec, key: TraceKey, batch: int, seq: int) -> dict:
         else:
             where = rec.savers[0] if rec.savers else rec.creator
             owner = (None, _head_part(where, lm_head_path, spec))
+            if owner[1] != "embedding" and forward and tracer.layers_start is not None and rec.born <= tracer.layers_start:
+                # made before the layers (the embeddings' dropout mask): its backward runs after
+                # theirs, so it waits through the whole backward as the shared inputs do — not a
+                # head part, freed with the loss
+                owner = (None, "shared")
         owner_of[id(rec)] = owner
         if forward:  # what checkpointing recomputes and saves again in backward is a step's, below
             saved[owner] = saved.get(owner, 0) + rec.nbytes

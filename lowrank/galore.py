@@ -548,7 +548,9 @@ class GaLoreAdamW(torch.optim.Optimizer, LowRankOptimizer):
         else:
             m, denom = self._moments(state, g.reshape(-1), slice(0, g.numel()), group, t)
             direction = torch.div(m, denom, out=denom).view(g.shape).to(self._weight_dtype(p))  # (r, n) or (m, r)
-            del m, g, low
+            # denom too: in fp32 beside a bf16 direction it would wait through the add-back (Q-GaLore's
+            # full-size update and stochastic rounding) for nothing
+            del m, denom, g, low
             self._add_back(p, projector, direction, alpha=-step_size * projector.scale, beta=1 - lr * wd)
 
     def _update_experts(self, p: Tensor, group: dict, grad: Tensor | None, low: Tensor | None) -> None:

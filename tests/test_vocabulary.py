@@ -134,3 +134,34 @@ def test_quant_blocks_bound_rounding_and_dequantizing_as_the_estimate_says(monke
     with tracker:
         dequantize(codes, scales, offsets, 256, torch.bfloat16)
     assert tracker.result().peak_bytes - base == pytest.approx(est.int8_dequant_temps(numel, 2), rel=0.01)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "adamw"])
+def test_qgalore_projected_update_is_what_the_estimate_says(monkeypatch, optimizer):
+    """One INT8 weight's Q-GaLore update (bf16 weights, steady state): its largest temporaries are
+    the update direction (ℓ) beside the full-size update and the stochastic rounding's work blocks —
+    the fp32 denominator the direction was divided in is freed first (it used to wait beside them)."""
+    from estimator.config import QGaLoreConfig
+    from estimator.spec import LinearShape
+    from lowrank.qgalore import Int8Linear, QGaLoreAdamW
+
+    monkeypatch.setattr(constants, "QUANT_BLOCK", 1 << 14)  # the rounding's blocks below the weight's size
+    cfg = QGaLoreConfig(rank=16, optimizer=optimizer, layerwise=False)
+    model = torch.nn.Sequential(Int8Linear.from_linear(torch.nn.Linear(256, 2048, dtype=torch.bfloat16)))
+    layer = model[0]
+    group = {"params": [layer.weight_codes], "rank": cfg.rank, "update_proj_gap": cfg.update_proj_gap,
+             "scale": cfg.scale, "proj_type": cfg.proj_type, "svd": cfg.svd, "stagger": cfg.stagger}
+    optimizer_ = QGaLoreAdamW([group, {"params": [layer.bias]}], {layer.weight_codes: layer}, cfg, torch.bfloat16,
+                              lr=1e-3, optim_bits=8 if optimizer == "adamw8bit" else 32)
+    for _ in range(2):  # the second step is the steady state: the moments and the projection exist
+        layer.weight_grad = torch.randn(2048, 256, dtype=torch.bfloat16)
+        layer.bias.grad = torch.randn(2048, dtype=torch.bfloat16)
+        tracker = MemoryTracker()
+        tracker.watch_model(model)
+        tracker.watch(Prepared(model, optimizer_, cfg, lowrank=optimizer_).state_tensors(), "optimizer")
+        tracker.watch([layer.weight_grad, layer.bias.grad], "gradients")
+        with tracker:
+            tracker.phase("optimizer")
+            optimizer_.step()
+    predicted = est.galore_update_temps(LinearShape("0", None, 256, 2048, True, 1), cfg, 2)
+    assert tracker.result().breakdown["transient"] == pytest.approx(predicted, rel=0.01)

@@ -78,3 +78,15 @@ def test_short_accumulated_micro_batches_peak_at_the_head(model_type, method):
     setup = TrainSetup(batch_size=1, seq_len=16, dtype="bf16", grad_accum=2)
     predicted, measured = predicted_and_measured(method, setup, model_type)
     assert_close(predicted, measured)
+
+
+def test_the_embeddings_backward_holds_the_gradient_flowing_into_it():
+    """Full training, a vocabulary large beside the batch: the step peaks when the embedding's
+    gradient is made, beside every other gradient, the gradient flowing into the embeddings
+    (b·s·h) and the token ids its backward reads."""
+    setup = TrainSetup(batch_size=1, seq_len=16, dtype="bf16")
+    predicted, measured = predicted_and_measured(FullConfig(), setup, **{**WIDER, "vocab_size": 4096},
+                                                 tie_word_embeddings=False)
+    assert predicted["moment"] == "backward: end"
+    assert predicted["breakdown"]["transient"] == 16 * 128 * 2
+    assert predicted["peak_bytes"] == pytest.approx(measured["peak_bytes"], abs=64)

@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 from transformers import AutoConfig
 
-from estimator.config import FullConfig, GaLoreConfig, LoRAConfig, TrainSetup
+from estimator.config import FullConfig, GaLoreConfig, LoRAConfig, QGaLoreConfig, TrainSetup
 from estimator.estimate import estimate_spec
 from estimator.profile import Poly, TraceKey, _measure, _profile_cached, traced_profile
 from estimator.spec import load_spec
@@ -120,3 +120,22 @@ def test_towers_a_text_step_never_reaches_get_no_gradient_or_state(tmp_path):
     assert any("no gradient in a text-only step" in note for note in predicted.notes)
     assert predicted.params_trainable == spec.params_total  # they require a gradient, as the trainer counts
     assert load_spec("tiny-llama-5m").unreached_params == 0
+
+
+def test_the_embeddings_dropout_mask_waits_through_the_blocks_backward(tmp_path):
+    """A mask made before the layers (GPT-BigCode drops out its embeddings) is freed by the embeddings'
+    backward, after every block's: the traced profile counts it with the shared inputs, alive beside
+    each block's backward, not with the loss's tensors (freed before the blocks)."""
+    from lowrank.dryrun import dry_run
+
+    AutoConfig.for_model("gpt_bigcode", n_embd=256, n_layer=2, n_head=4, vocab_size=1000, n_positions=256, bos_token_id=1,
+                         eos_token_id=1, embd_pdrop=0.1).save_pretrained(tmp_path)
+    spec = load_spec(str(tmp_path))
+    setup = TrainSetup(batch_size=2, seq_len=48, dtype="bf16")
+    method = QGaLoreConfig(rank=8)
+    predicted = estimate_spec(spec, method, setup, device="cpu")
+    assert predicted.activation_terms["blocks: shared (RoPE tables, masks)"] == 2 * 48 * 256 * 2  # CPU: a bf16 mask
+    measured = dry_run(str(tmp_path), method, setup, device="cpu")
+    assert predicted.moment == "backward: top block"  # a layer-wise update beside every block's activations
+    assert predicted.breakdown["activations"] == pytest.approx(measured.breakdown["activations"], rel=1e-3)
+    assert predicted.peak_bytes == pytest.approx(measured.peak_bytes, rel=1e-3)
