@@ -530,20 +530,24 @@ def backward_moments(spec: ModelSpec, method: MethodConfig, setup: TrainSetup, f
                 else:
                     alive, others = max(at_grad.values(), key=sum, default=(0, 0))
                     candidates.append((before + extra_grads, waiting + alive, pending + others + extra))
-        if layerwise and where == "top block" and spec.lm_head_params:
-            # lm_head's hook: its gradient and AdamW slices beside every block's activations and
-            # the final norm's (its backward comes next)
-            blocks = candidates[0][1] + act.head_saved(spec, flow, b, s)["final norm"]
-            lm_head_grad = 0 if before else spec.lm_head_params * d  # accumulating: already in `before`
-            hidden_grad = b * s * spec.hidden_size * flow.d  # flowing on into the final norm
-            candidates.append((before + lm_head_grad, blocks,
-                               galore_plain_temps(spec.lm_head_params, method, d) + hidden_grad))
-        if where == "top block":
+        if where == "top block":  # before the top block's backward: every block's saved tensors
             if act.checkpointed(spec, flow):
                 blocks = n * act.checkpointed_layer_saved(spec, flow, b, s) + act.checkpointed_shared(spec, flow, b, s)
             else:
                 blocks = all_blocks + act.shared_saved(spec, flow, b, s)
             blocks += act.token_ids(flow, b, s)
+        if layerwise and where == "top block" and spec.lm_head_params:
+            # lm_head's hook: its gradient and AdamW slices beside every block's activations and
+            # the final norm's (its backward comes next). All of them: the top block's first
+            # backward moment is later, after the head's backward has freed what the head saved
+            # of the top block's output (HunYuan-V4's hyper-connection head keeps the last block's
+            # streams), so it is not the moment to start from.
+            alive = blocks + act.head_saved(spec, flow, b, s)["final norm"]
+            lm_head_grad = 0 if before else spec.lm_head_params * d  # accumulating: already in `before`
+            hidden_grad = b * s * spec.hidden_size * flow.d  # flowing on into the final norm
+            candidates.append((before + lm_head_grad, alive,
+                               galore_plain_temps(spec.lm_head_params, method, d) + hidden_grad))
+        if where == "top block":
             if before:  # the head's new gradients wait beside every block's activations until added
                 candidates.append((before, blocks, head_grads))
             if flow.head_keeps_input and not flow.loss_chunk:  # the chunked loss: its own moments

@@ -669,6 +669,8 @@ def _measure(spec: ModelSpec, key: TraceKey, batch: int, seq: int) -> dict:
         alive_after = rec.died is None or rec.died > tracer.forward_end
         if not (rec.savers or (forward and alive_after)):
             continue
+        if forward and not alive_after:  # saved by a graph that died in forward (an output no loss
+            continue  # depends on, such as a router's unused scores): never alive in backward
         creator_layer, creator_part = _owner(rec.creator, prefix)
         saver_layers = {_owner(p, prefix)[0] for p in rec.savers} - {None}
         if creator_layer is None and len(saver_layers) > 1:
@@ -679,7 +681,7 @@ def _measure(spec: ModelSpec, key: TraceKey, batch: int, seq: int) -> dict:
             owner = (creator_layer, creator_part)
         else:
             where = rec.savers[0] if rec.savers else rec.creator
-            owner = (None, _head_part(where, lm_head_path, spec))
+            owner = (None, _head_part(where, lm_head_path, prefix))
             if owner[1] != "embedding" and forward and tracer.layers_start is not None and rec.born <= tracer.layers_start:
                 # made before the layers (the embeddings' dropout mask): its backward runs after
                 # theirs, so it waits through the whole backward as the shared inputs do — not a
@@ -792,7 +794,14 @@ def _short(name: str) -> str:
     return expert_grad_key(parts[-1]) if _is_expert(name) else parts[-2] if len(parts) > 1 else parts[-1]
 
 
-def _head_part(path: str, lm_head_path: str, spec: ModelSpec) -> str:
+def _head_part(path: str, lm_head_path: str, prefix: str) -> str:
+    """The head part of a tensor saved (or made) outside the decoder layers, by the module path.
+
+    "final norm" is everything the base model (the decoder layers' parent, `prefix` less its last
+    name) saves outside its layers: the final norm, and any module between the last layer and the
+    norm (HunYuan-V4's hyper-connection head, which collapses its hidden streams before the norm).
+    Those tensors outlive lm_head's backward, as the norm's do; "logits and loss" (lm_head's output
+    and the loss, computed by the causal LM itself) is freed before it."""
     if path == lm_head_path:
         return "lm_head input"
     last = path.rsplit(".", 1)[-1].lower()
@@ -800,6 +809,9 @@ def _head_part(path: str, lm_head_path: str, spec: ModelSpec) -> str:
         return "final norm"
     if "emb" in last or last in ("wte", "wpe"):
         return "embedding"
+    base = prefix.rpartition(".")[0]
+    if path.startswith(base + ".") if base else path:
+        return "final norm"
     return "logits and loss"
 
 
