@@ -470,16 +470,19 @@ def traced_block_saved(spec: ModelSpec, flow: Flow, batch: int, seq: int, first:
 
 
 def traced_backward_steps(spec: ModelSpec, flow: Flow, batch: int, seq: int, first: bool) -> list[BackwardStep]:
-    """The traced moments of a layer's backward (LoRA's own saved tensors counted alive throughout)."""
+    """The traced moments of a layer's backward (LoRA's rank beyond the traced 1 counted alive
+    throughout: saved in the forward, or under checkpointing made again by the recomputation —
+    transient, as the rest of the recomputed layer is)."""
     p = profile(spec, flow, batch, seq)
     layer = p.layers[0] if first else p.layers[p.last]
     lora = sum(lora_saved(flow, layer, batch * seq, seq).values()) if flow.lora_targets else 0
+    saved_lora, recomputed_lora = (0, lora) if flow.checkpointing else (lora, 0)
     total = p.grad_bytes.get(layer.index, 0)
     traced_made = flow.base_trainable  # full-rank: the trace made the same gradients (layers of any kind)
     if not layer.steps:  # no tensor was born in the layer's backward: its saved tensors, all its gradients
         alive = sum(traced_layer_saved(flow, layer, batch, seq).values())
         return [BackwardStep((), (), 0, alive_bytes=alive, made_share=1.0, made_bytes=total if traced_made else None)]
-    return [BackwardStep((), (), step.transient(batch, seq), alive_bytes=step.alive(batch, seq) + lora,
+    return [BackwardStep((), (), step.transient(batch, seq) + recomputed_lora, alive_bytes=step.alive(batch, seq) + saved_lora,
                          made_share=step.made / total if total else 1.0,
                          made_bytes=step.made if traced_made else None) for step in layer.steps]
 
@@ -680,11 +683,15 @@ def loss_forward_transient(spec: ModelSpec, flow: Flow, batch: int, seq: int) ->
     return tokens * V * flow.d + (tokens * V * 4 if flow.d < 4 else 0)
 
 
-def loss_backward_transient(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:
-    """At the log-softmax backward: the nll gradient and the log-softmax gradient (fp32, b·s·V each)."""
+def loss_backward(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> tuple[int, int]:
+    """At the loss's largest backward moment, before any head gradient: (saved bytes of the head
+    already freed, transient bytes). The log-softmax's backward: the nll gradient and the
+    log-softmax gradient (fp32, b·s·V each), nothing freed yet. A traced family: its own largest
+    moment, which may come later, after the log-softmax's output is freed (a learned logit scale's
+    backward, with the fp32 logits it saved still alive)."""
     if traced(spec):
-        return profile(spec, flow, batch, seq).loss_backward_transient(batch, seq)
-    return 2 * batch * seq * spec.vocab_size * 4
+        return profile(spec, flow, batch, seq).loss_backward(batch, seq)
+    return 0, 2 * batch * seq * spec.vocab_size * 4
 
 
 def loss_backward_moments(spec: ModelSpec, flow: Flow, batch: int, seq: int,
@@ -694,7 +701,8 @@ def loss_backward_moments(spec: ModelSpec, flow: Flow, batch: int, seq: int,
     after, in estimate.backward_moments); the chunked loss: estimator/loss.py `backward_moments`."""
     if flow.loss_chunk:
         return chunked.backward_moments(spec, flow, batch, seq, accumulating)
-    return {"backward: loss": (0, 0, loss_backward_transient(spec, flow, batch, seq))}
+    freed, transient = loss_backward(spec, flow, batch, seq)
+    return {"backward: loss": (0, freed, transient)}
 
 
 def forward_transient(spec: ModelSpec, flow: Flow, batch: int, seq: int) -> int:

@@ -164,6 +164,49 @@ class TracedStep:
 
 
 @dataclass(frozen=True)
+class LossStep:
+    """A moment of the loss's backward, before the first head gradient: the head's saved bytes
+    already freed (the log-softmax's output, once its backward ran) and the other tensors alive."""
+
+    freed: Poly
+    transient: Poly
+
+
+@dataclass(frozen=True)
+class LossBackward:
+    """The loss's backward moments; the largest at (b, s) is the estimator's "backward: loss"."""
+
+    steps: tuple[LossStep, ...] = ()
+
+    def __call__(self, b: int, s: int) -> tuple[int, int]:
+        """(head saved bytes freed, transient bytes) at the largest moment (the earliest of equals)."""
+        best = None
+        for step in self.steps:
+            freed, transient = step.freed(b, s), step.transient(b, s)
+            if best is None or transient - freed > best[1] - best[0]:
+                best = (freed, transient)
+        return best or (0, 0)
+
+    @staticmethod
+    def fit(series: dict[tuple[int, int], list[tuple[int, int]]]) -> LossBackward:
+        """One pair of polynomials per moment when every shape traced the same moments; otherwise
+        each shape's largest, fitted together. Moments whose total another one's dominates go."""
+        lengths = {len(v) for v in series.values()}
+        if len(lengths) == 1:
+            rows = [{p: v[k] for p, v in series.items()} for k in range(lengths.pop())]
+        else:
+            rows = [{p: max(v, key=lambda m: m[1] - m[0], default=(0, 0)) for p, v in series.items()}]
+        kept: list[tuple[Poly, LossStep]] = []
+        for row in rows:
+            total = Poly.fit({p: t - f for p, (f, t) in row.items()})
+            if any(k.dominates(total) for k, _ in kept):
+                continue
+            step = LossStep(Poly.fit({p: f for p, (f, _) in row.items()}), Poly.fit({p: t for p, (_, t) in row.items()}))
+            kept = [(k, s) for k, s in kept if not total.dominates(k)] + [(total, step)]
+        return LossBackward(tuple(s for _, s in kept))
+
+
+@dataclass(frozen=True)
 class TracedLayer:
     """One traced decoder layer standing for `count` layers of the model."""
 
@@ -182,11 +225,13 @@ class TracedLayer:
 class Profile:
     layers: tuple[TracedLayer, ...]  # layer 0 first
     last: int  # which entry of `layers` stands for the model's last layer
-    shared: Poly  # saved by several layers, made outside them: RoPE tables, masks
-    embedding: Poly  # saved by the embeddings (the token ids)
+    # saved by several layers or made before them and kept (RoPE tables, masks, a checkpointed step's
+    # embedding output), and labels a loss keeps as it was given them (the batch's ids)
+    shared: Poly
+    embedding: Poly  # an embedding module's, made after the first layer began (usually nothing)
     head: dict[str, Poly]  # HEAD_PARTS
     forward_transient: PolyMax  # at the loss, beyond every saved tensor (logits and their copies)
-    loss_backward_transient: PolyMax  # the loss's backward, before the first head gradient
+    loss_backward: LossBackward  # the loss's backward, before the first head gradient
     grad_bytes: dict[int, int] = field(default_factory=dict)  # per traced layer: all of its gradients
     kinds: int = 1
     order: tuple[int, ...] = ()  # for each layer of the model, the entry of `layers` that stands for it
@@ -552,7 +597,7 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
                 inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
             if key.packed:
                 inputs["position_ids"] = mode.from_tensor(positions)
-            tracer.register(ids, "weight")  # the batch: not an activation of the step
+            batch_record = tracer.register(ids, "weight")  # the batch: not an activation of the step …
             autocast = torch.autocast("cpu", dtype=torch.bfloat16) if key.autocast else contextlib.nullcontext()
             with fake_packing_answers(positions), _dispatch_mode(tracer), \
                     torch.autograd.graph.saved_tensors_hooks(tracer.pack, lambda t: t):
@@ -570,7 +615,12 @@ def _trace_once(spec: ModelSpec, key: TraceKey, batch: int, seq: int):
     embedding = model.get_input_embeddings()
     tied = lm_head is not None and embedding is not None and lm_head.weight is embedding.weight
     pending = lm_head.weight.nbytes if tied and lm_head.weight.requires_grad else None
-    return tracer, prefix, counts, last, linear_rows, lm_head_path, pending
+    # … unless a loss keeps the labels it was given (the batch's own ids, unshifted: TrOCR's): then
+    # the step holds them as the dry run counts them, to its end. A trainable embedding keeps them
+    # too, and the estimator counts those by rule (activations.token_ids).
+    embedding_path = paths.get(id(embedding)) if embedding is not None else None
+    kept = batch_record.nbytes if batch_record.savers and embedding_path not in batch_record.savers else 0
+    return tracer, prefix, counts, last, linear_rows, lm_head_path, pending, kept
 
 
 def _dequantizing_forward(module, int8: bool = False):
@@ -657,7 +707,7 @@ def _owner(path: str, prefix: str) -> tuple[int | None, str]:
 
 def _measure(spec: ModelSpec, key: TraceKey, batch: int, seq: int) -> dict:
     """Byte counts of one traced step, by owner, and its backward moments, all at (batch, seq)."""
-    tracer, prefix, counts, last, linear_rows, lm_head_path, pending = _trace_once(spec, key, batch, seq)
+    tracer, prefix, counts, last, linear_rows, lm_head_path, pending, batch_kept = _trace_once(spec, key, batch, seq)
     traced = sorted(counts)
     final = tracer.clock + 1
     saved: dict[tuple, int] = {}  # (layer or None, part) -> bytes
@@ -682,10 +732,13 @@ def _measure(spec: ModelSpec, key: TraceKey, batch: int, seq: int) -> dict:
         else:
             where = rec.savers[0] if rec.savers else rec.creator
             owner = (None, _head_part(where, lm_head_path, prefix))
-            if owner[1] != "embedding" and forward and tracer.layers_start is not None and rec.born <= tracer.layers_start:
-                # made before the layers (the embeddings' dropout mask): its backward runs after
-                # theirs, so it waits through the whole backward as the shared inputs do — not a
-                # head part, freed with the loss
+            if forward and tracer.layers_start is not None and rec.born <= tracer.layers_start:
+                # made before the layers and kept past the forward by none of them (the embeddings'
+                # dropout mask; under checkpointing RoPE's tables, which the checkpoints hold, and a
+                # frozen embedding's output, made a leaf that requires grad by transformers' input
+                # hook and held by its gradient's accumulator): freed in the embeddings' backward or
+                # at its end, after every block's, so it waits through the whole backward as the
+                # shared inputs do — not a head part, freed with the loss
                 owner = (None, "shared")
         owner_of[id(rec)] = owner
         if forward:  # what checkpointing recomputes and saves again in backward is a step's, below
@@ -713,7 +766,7 @@ def _measure(spec: ModelSpec, key: TraceKey, batch: int, seq: int) -> dict:
     part_alive: dict[tuple, int] = {}
     grads_made: dict[int | None, int] = {}
     forward_extra: list[int] = []
-    loss_bwd: list[int] = []
+    loss_bwd: list[tuple[int, int]] = []  # (head saved bytes freed, transient)
     steps: dict[int, list] = {i: [] for i in traced}
     forward_steps: dict[int, list] = {i: [] for i in traced}
     grad_moments: dict[int | None, dict[str, tuple[int, int, int]]] = {}
@@ -763,7 +816,7 @@ def _measure(spec: ModelSpec, key: TraceKey, batch: int, seq: int) -> dict:
                 if not grads_made:
                     head_alive = sum(v for (layer, _), v in part_alive.items() if layer is None)
                     head_total = sum(v for (layer, _), v in saved.items() if layer is None)
-                    loss_bwd.append(live_trans - (head_total - head_alive))
+                    loss_bwd.append((head_total - head_alive, live_trans))
             else:
                 alive = sum(v for (layer, _), v in part_alive.items() if layer == seg)
                 steps[seg].append((alive, grads_made.get(seg, 0), live_trans))
@@ -775,7 +828,8 @@ def _measure(spec: ModelSpec, key: TraceKey, batch: int, seq: int) -> dict:
                 grad_bytes[layer] = grad_bytes.get(layer, 0) + rec.nbytes
     return {"saved": saved, "steps": steps, "forward_steps": forward_steps, "grad_moments": grad_moments,
             "forward_extra": forward_extra,
-            "loss_bwd": loss_bwd, "counts": counts, "last": last, "linears": lin, "grad_bytes": grad_bytes}
+            "loss_bwd": loss_bwd, "counts": counts, "last": last, "linears": lin, "grad_bytes": grad_bytes,
+            "batch_kept": batch_kept}
 
 
 def _param_module(name: str) -> str:
@@ -854,11 +908,11 @@ def _profile_cached(spec_key: str, key: TraceKey, seq: int, single: bool) -> Pro
         layers=tuple(layers),
         last=sorted(counts).index(last),
         order=tuple(sorted(counts).index(i) for i in order),
-        shared=fit(lambda m: m["saved"].get((None, "shared"), 0)),
+        shared=fit(lambda m: m["saved"].get((None, "shared"), 0) + m["batch_kept"]),
         embedding=fit(lambda m: m["saved"].get((None, "embedding"), 0)),
         head=head,
         forward_transient=PolyMax.fit({p: m["forward_extra"] for p, m in points.items()}),
-        loss_backward_transient=PolyMax.fit({p: m["loss_bwd"] for p, m in points.items()}),
+        loss_backward=LossBackward.fit({p: m["loss_bwd"] for p, m in points.items()}),
         grad_bytes=dict(first["grad_bytes"]),
         kinds=len(counts),
     )
