@@ -349,7 +349,9 @@ class _Tracer:
         rec = self.register(t)
         if rec is not None:
             rec.savers.append(self.stack[-1])
-        return t
+        # detached, as lowrank/memory.py's tracker packs: a saved output kept with its grad_fn
+        # would never be freed if backward never reaches its node (a reference cycle through C++)
+        return t.detach() if isinstance(t, torch.Tensor) else t
 
 
 def _dispatch_mode(tracer: _Tracer):
@@ -741,7 +743,10 @@ def _measure(spec: ModelSpec, key: TraceKey, batch: int, seq: int) -> dict:
                 # shared inputs do — not a head part, freed with the loss
                 owner = (None, "shared")
         owner_of[id(rec)] = owner
-        if forward:  # what checkpointing recomputes and saves again in backward is a step's, below
+        # what checkpointing recomputes and saves again in backward is a step's, below; a tensor saved
+        # by a node that backward never reaches (an indexer behind a top-k) is freed with that node
+        # in forward: an activation while it lives (as the dry run counts it), never a saved one
+        if forward and alive_after:
             saved[owner] = saved.get(owner, 0) + rec.nbytes
     lin = {path: (*_owner(path, prefix), path.rsplit(".", 1)[-1], rows // batch) for path, rows in linear_rows.items()}
 

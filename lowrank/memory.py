@@ -312,7 +312,12 @@ class MemoryTracker(TorchDispatchMode):
         record = self._register(tensor, None)
         if record is not None:
             record.saved = True
-        return tensor
+        # detached: the same storage, without its grad_fn. A saved *output* kept with its grad_fn
+        # would own the node that owns it — a reference cycle through C++ that no gc breaks, so a
+        # node that backward never runs (an indexer behind a top-k) would keep its saved tensors
+        # for good; a real step without hooks frees them with the graph (autograd restores the
+        # grad_fn when it unpacks)
+        return tensor.detach()
 
     def __enter__(self):
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)

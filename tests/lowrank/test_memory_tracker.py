@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from lowrank.memory import MemoryTracker
@@ -69,3 +71,24 @@ def test_cuda_blocks_round_up(monkeypatch):
     st = torch.zeros(3).untyped_storage()
     assert memory._storage_bytes(st, FakeCuda()) == 512
     assert memory._storage_bytes(st, torch.device("cpu")) == 12
+
+
+def test_a_saved_output_that_backward_never_reaches_dies_with_its_graph():
+    """A node that saves its own output (sigmoid) and whose result only feeds a top-k's indices (no
+    gradient flows back through it: DeepSeek-V4's indexer) is freed when forward drops it, as in a
+    step without the tracker. Packed with its grad_fn, the saved output would own the node that owns
+    it — a cycle through C++ that no gc breaks — and stay alive through the step (and every later one)."""
+    x = torch.randn(64, 256, requires_grad=True)
+    tracker = MemoryTracker()
+    with tracker:
+        tracker.phase("forward")
+        scores = torch.sigmoid(x * 2)  # sigmoid saves its output
+        picked = scores.topk(4, dim=-1).indices  # integers: backward stops here
+        storage = weakref.ref(scores.untyped_storage())
+        loss = x.pow(2).sum()
+        del scores
+        assert storage() is None
+        tracker.phase("backward")
+        loss.backward()
+    assert picked.shape == (64, 4)
+    assert torch.allclose(x.grad, 2 * x)  # unpacking a detached saved tensor still differentiates
