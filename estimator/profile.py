@@ -721,8 +721,6 @@ def _measure(spec: ModelSpec, key: TraceKey, batch: int, seq: int) -> dict:
         alive_after = rec.died is None or rec.died > tracer.forward_end
         if not (rec.savers or (forward and alive_after)):
             continue
-        if forward and not alive_after:  # saved by a graph that died in forward (an output no loss
-            continue  # depends on, such as a router's unused scores): never alive in backward
         creator_layer, creator_part = _owner(rec.creator, prefix)
         saver_layers = {_owner(p, prefix)[0] for p in rec.savers} - {None}
         if creator_layer is None and len(saver_layers) > 1:
@@ -744,8 +742,9 @@ def _measure(spec: ModelSpec, key: TraceKey, batch: int, seq: int) -> dict:
                 owner = (None, "shared")
         owner_of[id(rec)] = owner
         # what checkpointing recomputes and saves again in backward is a step's, below; a tensor saved
-        # by a node that backward never reaches (an indexer behind a top-k) is freed with that node
-        # in forward: an activation while it lives (as the dry run counts it), never a saved one
+        # by a node that backward never reaches (an indexer behind a top-k, a router's scores that
+        # feed no expert) is freed with that node in forward: an activation while it lives (as the
+        # dry run counts it), never a saved one
         if forward and alive_after:
             saved[owner] = saved.get(owner, 0) + rec.nbytes
     lin = {path: (*_owner(path, prefix), path.rsplit(".", 1)[-1], rows // batch) for path, rows in linear_rows.items()}
