@@ -455,7 +455,7 @@ def unreached_parameters(spec: ModelSpec) -> dict[str, int]:
     an encoder that is never called (TrOCR) or a sparse-attention indexer whose top-k selection
     stops the gradient (DeepSeek-V4, HunYuan-V4). They are held, but AdamW keeps no state for them
     and they never get a .grad. Found by walking the autograd graph of one traced forward (batch 1,
-    1024 tokens, fewer where the model's positions end: a compressor that pools blocks of tokens is
+    512 tokens, fewer where the model's positions end: a compressor that pools blocks of tokens is
     reached only by a sequence longer than its block) back from the loss; a block that repeats a
     traced one is judged by it. Expert weights are left out: which experts a few tokens reach is
     the router's choice, not the model's structure."""
@@ -465,7 +465,7 @@ def unreached_parameters(spec: ModelSpec) -> dict[str, int]:
         spec, TraceKey(dtype="bf16", trainable=True, attn="eager"))
     reached: set[int] = set()
     with mode, fake_packing_answers():
-        ids = torch.randint(0, spec.vocab_size, (1, min(1024, spec.max_position or 1024)))
+        ids = torch.randint(0, spec.vocab_size, (1, min(512, spec.max_position or 512)))
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         seen, todo = set(), [loss.grad_fn]
         while todo:

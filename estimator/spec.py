@@ -653,14 +653,29 @@ def _is_norm(module_path: str) -> bool:
     return "norm" in module_path.split(".")[-1].lower() or bool(re.search(r"(^|\.)ln_", module_path))
 
 
-def _owners(params: dict[str, int], prefix: str, depth: int = 3) -> tuple[str, ...]:
-    """The modules (`depth` names deep; in a decoder block, the block's child, any block's as
-    "layers.*.child") that hold these parameters, the largest first."""
+def _owners(params: dict[str, int], prefix: str, names: list[str], depth: int = 3) -> tuple[str, ...]:
+    """The modules that hold these parameters, the largest first: outside the decoder blocks
+    `depth` names deep; inside them, the shallowest module under the block all of whose
+    parameters are among them (TrOCR's `layers.*.encoder_attn`, HunYuan-V4's
+    `layers.*.self_attn.indexer`), any block's as "layers.*.". `names`: every parameter's."""
+    block = re.compile(re.escape(prefix) + r"\.(\d+)\.(.+)")
+    layer_params: dict[str, list[str]] = {}  # a block's index -> its parameters' names within it
+    for n in names:
+        if found := block.match(n):
+            layer_params.setdefault(found[1], []).append(found[2])
     sizes: dict[str, int] = {}
-    block = re.compile(re.escape(prefix) + r"\.\d+\.([^.]+)")
     for pname, numel in params.items():
         found = block.match(pname)
-        owner = f"{prefix.rsplit('.', 1)[-1]}.*.{found[1]}" if found else ".".join(pname.split(".")[:depth])
+        if found:
+            parts = found[2].split(".")
+            k = 1  # a parameter of the block itself: its own name
+            for k in range(1, len(parts)):  # else the shallowest wholly unreached module, or its own
+                head = ".".join(parts[:k]) + "."
+                if all(f"{prefix}.{found[1]}.{rel}" in params for rel in layer_params[found[1]] if rel.startswith(head)):
+                    break
+            owner = f"{prefix.rsplit('.', 1)[-1]}.*.{'.'.join(parts[:k])}"
+        else:
+            owner = ".".join(pname.split(".")[:depth])
         sizes[owner] = sizes.get(owner, 0) + numel
     return tuple(sorted(sizes, key=lambda o: -sizes[o]))
 
@@ -761,7 +776,7 @@ def _spec_from_model(model, config, name: str, unreached: dict[str, int] | None 
         if experts else 0,
         other_tensors=tuple(sorted(other_sizes.items(), reverse=True)),
         unreached_params=sum(n for pname, n in unreached.items() if pname.rsplit(".", 1)[0] not in linear_modules),
-        unreached_modules=_owners(unreached, prefix),
+        unreached_modules=_owners(unreached, prefix, [n for n, _ in model.named_parameters()]),
         idle_linears=idle,
     )
 

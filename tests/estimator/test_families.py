@@ -9,7 +9,9 @@ The whole sweep (every family × five methods × checkpointing off/on × a shape
 above the window) takes ~15 minutes here: that is the benchmark (`python bench/families.py`,
 README's table). Here every family gets one row, the method, checkpointing and shape rotating
 from family to family so that each combination is covered, and the families the issue tracker
-listed get the whole grid (the named formulas: tests/estimator/test_accuracy.py); the rows run in two processes.
+listed get every method with checkpointing off and on at one of the two shapes, alternating from
+family to family (the named formulas: tests/estimator/test_accuracy.py); the rows run in two
+processes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from bench.families import METHODS, SHAPES, prepare_families, row_for, sweep
+from bench.families import METHODS, SHAPES, prepare_families, row_for
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +42,8 @@ def families(tmp_path_factory):
 
 def _rows(task):
     family, rotation = task
-    if rotation is None:
-        return sweep(family)
+    if isinstance(rotation, tuple):  # a whole-grid family: every method, checkpointing off and on, one shape
+        return [row_for(family, method, *rotation, checkpointing) for checkpointing in (False, True) for method in METHODS]
     method, checkpointing, (batch, seq) = SETTINGS[rotation % len(SETTINGS)]
     return [row_for(family, method, batch, seq, checkpointing)]
 
@@ -55,7 +57,7 @@ def test_twenty_or_more_families_build_and_run(families):
 
 def test_every_family_within_targets(families):
     usable = [f for f in families if f.folder]
-    tasks = [(f, None if f.model_type in WHOLE_GRID else i) for i, f in enumerate(usable)]
+    tasks = [(f, SHAPES[i % len(SHAPES)] if f.model_type in WHOLE_GRID else i) for i, f in enumerate(usable)]
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
         rows = [row for chunk in pool.map(_rows, tasks) for row in chunk]
     failures = [f"{r.family} {r.method} {r.setting}: {', '.join(r.failures)}" for r in rows
@@ -64,7 +66,7 @@ def test_every_family_within_targets(families):
         off = [r for r in rows if r.family == family and r.failures]
         if not off and any(r.family == family for r in rows):
             print(f"{family} is within targets now: drop it from KNOWN_OFF ({reason})")
-    whole = sum(1 for f, rotation in tasks if rotation is None)
+    whole = sum(1 for f, rotation in tasks if isinstance(rotation, tuple))
     assert whole == sum(1 for name in WHOLE_GRID if name in {f.model_type for f in usable})
-    assert len(rows) == whole * len(SETTINGS) + len(tasks) - whole
+    assert len(rows) == whole * len(SETTINGS) // len(SHAPES) + len(tasks) - whole
     assert not failures, f"{len(failures)} of {len(rows)} rows off target:\n" + "\n".join(failures)

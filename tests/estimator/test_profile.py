@@ -171,6 +171,8 @@ def test_layerwise_lm_head_update_beside_a_head_that_collapses_streams(tmp_path,
         predicted = estimate_spec(load_spec(str(tmp_path)), method, setup, device="cpu")
         measured = dry_run(str(tmp_path), method, setup, device="cpu")
     assert measured.phase == "backward" and predicted.moment == "backward: top block"
+    # its indexer (behind a top-k) gets no gradient: held with no state, named in a note
+    assert any("(layers.*.self_attn.indexer) get no gradient" in note for note in predicted.notes)
     assert predicted.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.01)
     assert predicted.breakdown["activations"] == pytest.approx(measured.breakdown["activations"], rel=0.01)
     if not checkpointing:
